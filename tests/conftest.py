@@ -1,0 +1,49 @@
+"""Shared fixtures: Temporal servers from the installed packages, and a clean exit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from sequencer.temporal import find_binary, register_search_attributes
+
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "corpus"
+
+
+@pytest_asyncio.fixture(scope="session")
+async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
+    """Start one time-skipping test server for the session, with our search attributes."""
+    environment = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(find_binary("temporal-test-server")),
+        data_converter=pydantic_data_converter,
+    )
+    await register_search_attributes(environment.client)
+    yield environment
+    await environment.shutdown()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    session.config.stash[_EXIT_STATUS] = int(exitstatus)
+
+
+_EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config: pytest.Config) -> None:
+    # The Temporal SDK's native runtime can abort interpreter teardown with "Fatal Python error:
+    # PyGILState_Release" (sdk-python issue 300), failing a run whose tests all passed. Once
+    # pytest has printed its summary, leave without teardown and keep pytest's exit status.
+    status = config.stash.get(_EXIT_STATUS, None)
+    if status is not None and os.environ.get("SEQUENCER_TEST_TEARDOWN") != "1":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)

@@ -1,0 +1,297 @@
+"""LeadSequenceWorkflow: one durable workflow per enrollment, driving the lead machine.
+
+The workflow is glue. Signal handlers only queue what the world reports; the main loop applies
+queued events to the machine, asks it for the next action, and carries that action out: a
+channel activity, a durable timer that any event cuts short, or a wait for a person.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from sequencer.channels import Channel, EnrollmentStatus, Reason, StepStatus
+    from sequencer.durations import format_duration
+    from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE
+    from sequencer.models import (
+        SEARCH_ATTRIBUTE_CAMPAIGN,
+        SEARCH_ATTRIBUTE_STAGE,
+        SEARCH_ATTRIBUTE_STATUS,
+        WORKFLOW_TYPE,
+        EnrollmentInput,
+        EnrollmentResult,
+        LateFailure,
+        LogEntry,
+        RecordInput,
+        Reply,
+        StepInput,
+        StepOutcome,
+        TaskOutcome,
+    )
+    from workflows.lead_machine import (
+        AwaitResume,
+        AwaitTask,
+        Execute,
+        Finished,
+        Ignored,
+        LeadSequence,
+        Sleep,
+        plan_from_steps,
+    )
+
+CAMPAIGN_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_CAMPAIGN)
+STATUS_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATUS)
+STAGE_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STAGE)
+
+# Activity names by channel. A new channel adds one line here and one activity module.
+ACTIVITY_FOR_CHANNEL = {
+    Channel.EMAIL: "send_email",
+    Channel.LINKEDIN: "linkedin_step",
+    Channel.PHONE: "create_task",
+    Channel.MANUAL: "create_task",
+}
+
+# Transient errors (SMTP 4xx, HTTP 429 and 5xx, network errors) are retried with backoff:
+# 5s, 10s, 20s... capped at 5 minutes, 8 attempts in all (about 12 minutes). After that the
+# step fails with reason retries_exhausted.
+CHANNEL_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=5),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(minutes=5),
+    maximum_attempts=8,
+    non_retryable_error_types=[ACCOUNT_INTERRUPTED_ERROR_TYPE],
+)
+RECORD_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=20
+)
+# An interrupted sender account pauses the enrollment; the step is tried again after this long.
+ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
+
+
+@workflow.defn(name=WORKFLOW_TYPE)
+class LeadSequenceWorkflow:
+    @workflow.init
+    def __init__(self, input: EnrollmentInput) -> None:
+        self._input = input
+        self._machine = LeadSequence(plan_from_steps(input.campaign.steps))
+        self._inbox: list[LateFailure | Reply | TaskOutcome] = []
+        self._search_attributes: tuple[str, str] | None = None
+        self._resume_at = None
+
+    @workflow.run
+    async def run(self, input: EnrollmentInput) -> EnrollmentResult:
+        machine = self._machine
+        machine.begin(workflow.now())
+        await self._record()
+
+        while not machine.has_ended:
+            self._apply_inbox()
+            action = machine.next_action(workflow.now())
+            if isinstance(action, Finished):
+                break
+            if isinstance(action, Execute):
+                await self._execute(action.step)
+            elif isinstance(action, Sleep):
+                await self._sleep_until(action)
+            elif isinstance(action, AwaitTask):
+                self._publish(f"step {action.step}: waiting for a person")
+                await workflow.wait_condition(lambda: bool(self._inbox))
+            elif isinstance(action, AwaitResume):
+                await self._await_resume()
+            await self._record()
+
+        # Events that arrived while the last step ran are applied after the end: a late bounce
+        # is still recorded and still unsubscribes.
+        await workflow.wait_condition(workflow.all_handlers_finished)
+        self._apply_inbox()
+        await self._record()
+        return EnrollmentResult(
+            status=machine.status.value,
+            unsubscribed=machine.unsubscribed,
+            steps=[step.model_copy() for step in machine.steps],
+            enrolled_at=machine.enrolled_at,
+        )
+
+    # What the world reports. Handlers queue; the main loop applies, so transitions happen in
+    # one place and in order.
+
+    @workflow.signal
+    def report_failure(self, failure: LateFailure) -> None:
+        self._inbox.append(failure)
+
+    @workflow.signal
+    def report_reply(self, reply: Reply) -> None:
+        self._inbox.append(reply)
+
+    @workflow.signal
+    def report_task(self, outcome: TaskOutcome) -> None:
+        self._inbox.append(outcome)
+
+    @workflow.query
+    def activity(self) -> EnrollmentResult:
+        return EnrollmentResult(
+            status=self._machine.status.value,
+            unsubscribed=self._machine.unsubscribed,
+            steps=[step.model_copy() for step in self._machine.steps],
+            enrolled_at=self._machine.enrolled_at,
+            log=list(self._machine.log),
+        )
+
+    # Phases
+
+    def _apply_inbox(self) -> None:
+        now = workflow.now()
+        while self._inbox:
+            event = self._inbox.pop(0)
+            if isinstance(event, LateFailure):
+                result = self._machine.late_failure(
+                    event.step, event.reason, now, bounced=event.bounced, detail=event.detail
+                )
+            elif isinstance(event, Reply):
+                result = self._machine.replied(now, event.channel, event.auto_reply)
+            else:
+                result = self._machine.task_outcome(event.step, event.outcome, now, event.reason)
+            if isinstance(result, Ignored):
+                workflow.logger.warning(
+                    "Ignored %s for %s: %s",
+                    type(event).__name__,
+                    workflow.info().workflow_id,
+                    result.message,
+                )
+
+    async def _execute(self, number: int) -> None:
+        campaign = self._input.campaign
+        step = campaign.steps[number - 1]
+        machine = self._machine
+        earlier = [
+            s.step for s in machine.steps if s.channel == Channel.EMAIL and s.status == StepStatus.SENT
+        ]
+        step_input = StepInput(
+            campaign_id=campaign.id,
+            workflow_id=workflow.info().workflow_id,
+            step_number=number,
+            step=step,
+            lead=self._input.lead,
+            sender=campaign.sender,
+            earlier_email_steps=earlier,
+        )
+        self._publish(f"step {number}: running {step.type}")
+        try:
+            outcome = await workflow.execute_activity(
+                ACTIVITY_FOR_CHANNEL[step.channel],
+                step_input,
+                result_type=StepOutcome,
+                start_to_close_timeout=timedelta(minutes=2),
+                retry_policy=CHANNEL_RETRY,
+                summary=f"step {number} of {len(campaign.steps)}: {step.type}",
+            )
+        except ActivityError as error:
+            cause = error.cause
+            if isinstance(cause, ApplicationError) and cause.type == ACCOUNT_INTERRUPTED_ERROR_TYPE:
+                # Not the lead's fault: pause on this step and try it again later.
+                machine.hold(workflow.now(), f"account interrupted: {cause.message}")
+                self._resume_at = workflow.now() + ACCOUNT_RETRY_INTERVAL
+                return
+            outcome = StepOutcome(
+                status=StepStatus.FAILED,
+                reason=Reason.RETRIES_EXHAUSTED,
+                detail=str(cause.message if isinstance(cause, ApplicationError) else cause),
+            )
+        machine.record_outcome(number, outcome.status, workflow.now(), outcome.reason, outcome.detail)
+
+    async def _sleep_until(self, action: Sleep) -> None:
+        step = self._input.campaign.steps[action.step - 1]
+        delay = action.until - workflow.now()
+        summary = f"wait {format_duration(delay)} before step {action.step} ({step.type})"
+        self._publish(summary)
+        try:
+            await workflow.wait_condition(
+                lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
+            )
+        except asyncio.TimeoutError:
+            pass
+
+    async def _await_resume(self) -> None:
+        # NOTE: an interrupted account is retried on a fixed interval for now. Reconnecting an
+        # account, reassigning the lead and operator resume are not wired to this wait yet.
+        self._publish(f"paused: {self._machine.pause_reason}")
+        if self._resume_at is None:
+            await workflow.wait_condition(lambda: bool(self._inbox))
+            return
+        delay = max(self._resume_at - workflow.now(), timedelta(0))
+        try:
+            await workflow.wait_condition(
+                lambda: bool(self._inbox),
+                timeout=delay,
+                timeout_summary=f"retry the sender account in {format_duration(delay)}",
+            )
+        except asyncio.TimeoutError:
+            self._resume_at = None
+            self._machine.release(workflow.now())
+
+    async def _record(self) -> None:
+        """Write new log entries to the database and keep the search attributes current."""
+        machine = self._machine
+        entries: list[LogEntry] = machine.new_entries()
+        stage = self._stage()
+        if entries:
+            campaign = self._input.campaign
+            bounced = any(e.kind == "event" and e.status == "unsubscribed" for e in entries)
+            await workflow.execute_activity(
+                "record_activity",
+                RecordInput(
+                    workflow_id=workflow.info().workflow_id,
+                    campaign_id=campaign.id,
+                    campaign_name=campaign.name,
+                    lead_key=self._input.lead.key,
+                    status=machine.status.value,
+                    unsubscribed=machine.unsubscribed,
+                    entries=entries,
+                    unsubscribe_address=self._input.lead.email if bounced else None,
+                ),
+                start_to_close_timeout=timedelta(seconds=30),
+                retry_policy=RECORD_RETRY,
+                summary=f"record {len(entries)} activity entries",
+            )
+        current = (machine.status.value, stage)
+        if current != self._search_attributes:
+            self._search_attributes = current
+            workflow.upsert_search_attributes(
+                [
+                    SearchAttributePair(CAMPAIGN_KEY, self._input.campaign.id),
+                    SearchAttributePair(STATUS_KEY, machine.status.value),
+                    SearchAttributePair(STAGE_KEY, stage),
+                ]
+            )
+
+    def _stage(self) -> str:
+        machine = self._machine
+        if machine.has_ended:
+            return "ended"
+        if machine.waiting_step is not None:
+            step = machine.step(machine.waiting_step)
+            return f"step-{step.step}-{step.type}-waiting"
+        if machine.state == "paused":
+            return "paused"
+        step = machine.next_pending()
+        return f"step-{step.step}-{step.type}" if step else "ended"
+
+    def _publish(self, headline: str) -> None:
+        """Show the lead's progress in the Temporal UI (current details, markdown)."""
+        machine = self._machine
+        rows = "\n".join(
+            f"| {s.step} | {s.type} | {s.status} | {s.reason or ''} |" for s in machine.steps
+        )
+        workflow.set_current_details(
+            f"**{headline}**\n\nStatus: {machine.status.value}"
+            + (", unsubscribed" if machine.unsubscribed else "")
+            + f"\n\n| step | type | status | reason |\n|---|---|---|---|\n{rows}"
+        )
+
+
+__all__ = ["LeadSequenceWorkflow", "EnrollmentStatus"]
