@@ -67,11 +67,11 @@ class LinkedInActivities:
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(
                 f"invalid LinkedIn provider URL {base_url!r}: expected http://HOST:PORT "
-                "or https://HOST"
+                "or https://HOST. Check SEQUENCER_LINKEDIN_URL"
             )
         if not api_key:
             raise ValueError(
-                "the LinkedIn provider API key is empty: set SEQUENCER_LINKEDIN_API_KEY"
+                "the LinkedIn provider API key is empty. Set SEQUENCER_LINKEDIN_API_KEY"
             )
         self._base_url = base_url.rstrip("/")
         self._api_key = api_key
@@ -142,7 +142,7 @@ class LinkedInActivities:
             )
             raise ApplicationError(
                 f"the LinkedIn provider timed out on step {input.step_number} "
-                f"({type(error).__name__}); retrying",
+                f"({type(error).__name__}), so the step will be retried",
                 type=TRANSIENT_ERROR_TYPE,
             ) from error
         except httpx.TransportError as error:
@@ -155,7 +155,8 @@ class LinkedInActivities:
             )
             raise ApplicationError(
                 f"cannot reach the LinkedIn provider at {self._base_url} on step "
-                f"{input.step_number} ({type(error).__name__}: {error}); retrying",
+                f"{input.step_number} ({type(error).__name__}: {error}), so the step will be "
+                "retried",
                 type=TRANSIENT_ERROR_TYPE,
             ) from error
 
@@ -192,8 +193,8 @@ class LinkedInActivities:
 
         if status in (401, 403):
             raise ApplicationError(
-                f"the LinkedIn provider rejected the API key or session with HTTP {status}: "
-                "set SEQUENCER_LINKEDIN_API_KEY to a valid key and reconnect the LinkedIn "
+                f"the LinkedIn provider rejected the API key or session with HTTP {status}. "
+                "Set SEQUENCER_LINKEDIN_API_KEY to a valid key and reconnect the LinkedIn "
                 "account at the provider, then resume the campaign",
                 type=ACCOUNT_INTERRUPTED_ERROR_TYPE,
                 non_retryable=True,
@@ -202,8 +203,8 @@ class LinkedInActivities:
         if status == 429 or status >= 500:
             delay = _retry_after(response)
             raise ApplicationError(
-                f"the LinkedIn provider returned HTTP {status} on step {input.step_number}; "
-                "retrying",
+                f"the LinkedIn provider returned HTTP {status} on step {input.step_number}, "
+                "so the step will be retried",
                 type=TRANSIENT_ERROR_TYPE,
                 next_retry_delay=delay,
             )
@@ -216,7 +217,7 @@ class LinkedInActivities:
         # every lead.
         raise ApplicationError(
             f"unexpected HTTP {status} from the LinkedIn provider at {self._base_url}: "
-            "check the provider URL",
+            "check SEQUENCER_LINKEDIN_URL",
             type=ACCOUNT_INTERRUPTED_ERROR_TYPE,
             non_retryable=True,
         )

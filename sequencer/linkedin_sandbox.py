@@ -12,8 +12,9 @@ Every request under /v1 needs the header `Authorization: Bearer <api key>`.
     GET  /v1/actions          the accepted actions, oldest first
 
 An accepted action returns 201 {"id", "status"} with status "visited" or "sent". Errors
-return {"error": CODE} and, where useful, a "detail" sentence. The profile slug, the part
-after /in/, chooses a scripted behaviour:
+return {"error": CODE} and, where useful, a "detail" sentence. The profile slug (the part
+after /in/, or the id in the other URL forms that `profile_slug` accepts) chooses a scripted
+behaviour:
 
     contains "deactivated"  410 profile_deactivated on every request
     contains "ratelimited"  429 with Retry-After: 1 for the first 2 requests for that profile
@@ -172,7 +173,7 @@ def create_app(api_key: str = DEFAULT_API_KEY, *, journal_path: Path | None = No
             return _error(
                 401,
                 "unauthorized",
-                "missing or wrong API key: send the header Authorization: Bearer <key>",
+                "missing or wrong API key. Send the header Authorization: Bearer <key>",
                 **{"WWW-Authenticate": "Bearer"},
             )
         return await call_next(request)

@@ -308,6 +308,14 @@ class Store:
             )
             return [_enrollment(row) for row in rows]
 
+    def set_unsubscribed(self, workflow_id: str) -> None:
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(enrollments)
+                .where(enrollments.c.workflow_id == workflow_id)
+                .values(unsubscribed=True, updated_at=_now())
+            )
+
     # The activity log
 
     def record(self, record: RecordInput) -> int:

@@ -2,9 +2,9 @@
 # Create the Temporal persistence and visibility databases and migrate both schemas to the
 # versions that ship in this admin-tools image.
 #
-# docker compose runs this before every start of the server. Each step is safe to repeat:
-# `create` ignores a database that exists, `setup-schema -v 0.0` skips a database that
-# already has a schema, and `update-schema` applies only the missing versions.
+# docker compose runs this on every `up`, so each step must be safe to repeat. `create`
+# ignores a database that exists, `setup-schema -v 0.0` leaves a newer schema version alone,
+# and `update-schema` applies only the missing versions.
 # temporal-sql-tool reads the password from SQL_PASSWORD, which keeps it off the command line.
 set -eu
 

