@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 from contextlib import AsyncExitStack
+from datetime import timedelta
 
 from temporalio.client import Client
 from temporalio.worker import Worker
@@ -59,6 +60,8 @@ def build_worker(
             records.record_activity,
         ],
         workflow_runner=workflow_runner(),
+        # On shutdown, running activities get this long to finish before they are cancelled.
+        graceful_shutdown_timeout=timedelta(seconds=20),
     )
 
 

@@ -56,7 +56,7 @@ INVALID_STEP_ERROR_TYPE = "InvalidStepError"
 DEFAULT_SMTPS_PORT = 465
 DEFAULT_SMTP_PORT = 587
 
-# What the operator should check, by reply subtype, appended to account-interrupted errors.
+# Hints for the operator, by reply subtype, appended to account-interrupted errors.
 _SENDER_HINTS = {
     "blocked-blocklist": "check the sending IP and domain against public blocklists",
     "sender-reputation-deferral": "check the sending IP's reputation and lower the sending rate",
@@ -123,7 +123,7 @@ class EmailActivities:
     ) -> None:
         """Set up the channel.
 
-        `is_suppressed` receives the lead's normalised address. `timeout` is the limit in
+        `is_suppressed` receives the lead's normalized address. `timeout` is the limit in
         seconds for connecting and for each SMTP command.
         """
         if smtp_password is not None and smtp_username is None:
@@ -187,7 +187,7 @@ class EmailActivities:
             )
 
         recipient = ascii_email(address)
-        message = build_message(input, sender, lead, recipient, subject, body)
+        message = build_message(input, sender, recipient, subject, body)
         return await self._send(input, sender, message, recipient)
 
     async def _send(
@@ -197,7 +197,7 @@ class EmailActivities:
             server = SmtpServer.from_url(sender.smtp_url)
         except ValueError as error:
             raise self._account_interrupted(
-                input, f"{error}: fix the sender's smtp_url in the campaign file"
+                input, f"{error}. Fix the sender's smtp_url in the campaign file"
             ) from None
 
         client = aiosmtplib.SMTP(
@@ -230,6 +230,8 @@ class EmailActivities:
             except aiosmtplib.SMTPNotSupported as error:
                 return self._not_supported(input, server, error, recipient)
             except (aiosmtplib.SMTPException, OSError) as error:
+                # A QUIT on a dropped or silent connection would only wait for the timeout again.
+                client.close()
                 raise self._transient(
                     input, f"sending through SMTP server {server} failed: {error}"
                 ) from error
@@ -419,12 +421,14 @@ class EmailActivities:
 
 
 def build_message(
-    input: StepInput, sender: Sender, lead: Lead, recipient: str, subject: str, body: str
+    input: StepInput, sender: Sender, recipient: str, subject: str, body: str
 ) -> EmailMessage:
     """Build the email of one step, with threading headers that point at earlier email steps.
 
-    `recipient` is the envelope address, whose domain is in A-label form.
+    `recipient` is the envelope address, whose domain is in A-label form. `subject` and `body`
+    are already rendered.
     """
+    lead = input.lead
     message = EmailMessage()
     message["From"] = _address_header(sender.name, ascii_email(sender.email))
     message["To"] = _address_header(_full_name(lead), recipient)

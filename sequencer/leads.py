@@ -3,8 +3,8 @@
 One bad row never aborts an import: it is rejected with its row and line number, and every
 other row is read. Only a file that cannot be read as a lead list at all raises
 `LeadFileError`. Rows count data records from 1 (the first record after the header is row 1,
-and a record with a quoted line break is one row). Lines count physical lines from 1, the
-header being line 1.
+and a record with a quoted line break is one row). Lines count the file's physical lines
+from 1.
 
 Duplicates within the file share a normalised email address or, for rows without one, a
 canonical LinkedIn URL. The first row wins: a later duplicate only fills the fields that the
@@ -68,8 +68,8 @@ FIELD_ALIASES: dict[str, tuple[str, ...]] = {
 COUNTRY_ALIASES = ("country", "country code")
 EMAIL_STATUS_ALIASES = ("email status", "email verification status")
 
-# Email Status values from enrichment tools (Apollo, Hunter, ZeroBounce) that mean the address
-# was guessed or could not be verified, compared after `_header_key`.
+# Email Status values, as enrichment tools write them, that mean the address was guessed or
+# could not be verified. They are compared after `_header_key`, so "Catch-all" matches too.
 UNVERIFIED_STATUSES = frozenset(
     {"extrapolated", "unverified", "guessed", "catchall", "acceptall", "risky", "unknown"}
 )
@@ -301,25 +301,31 @@ def _sniff_delimiter(header_line: str) -> str:
 
 
 def _read_records(
-    text: str, delimiter: str, first_line: int
+    text: str, delimiter: str, first_line_number: int
 ) -> Iterator[tuple[int, list[str] | None, str | None]]:
     """Yield (start line, cells, None) per CSV record, or (start line, None, error message).
 
-    `first_line` is the file's line number of the first line of `text`.
+    `first_line_number` is the file's line number of the first line of `text`.
     """
     # newline="" keeps quoted line breaks inside fields, as the csv module requires.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     while True:
-        line = reader.line_num + first_line
+        line = reader.line_num + first_line_number
         try:
             cells = next(reader)
         except StopIteration:
             return
         except csv.Error as error:
-            if str(error) == "unexpected end of data":
+            if str(error).startswith("field larger than field limit"):
+                message = (
+                    f"a value is longer than {csv.field_size_limit()} characters, the limit of "
+                    "Python's csv module: shorten it, or close the quote that opens it"
+                )
+            elif str(error) == "unexpected end of data":
+                last_line = reader.line_num + first_line_number - 1
                 message = (
                     f"a quote opened on line {line} is never closed, so lines {line} to "
-                    f"{reader.line_num + first_line - 1} were read as one value: close the quote"
+                    f"{last_line} were read as one value: close the quote"
                 )
             else:
                 message = (
@@ -386,7 +392,8 @@ def _map_columns(header: list[str], name: str) -> _Columns:
     country = email_status = None
 
     for index, raw_header in enumerate(header):
-        header_text = clean_text(raw_header)
+        # A second byte order mark, left by tools that add one to an already-marked file.
+        header_text = INVISIBLE.sub("", clean_text(raw_header))
         key = _header_key(header_text)
         field_name = _ALIAS_FIELD.get(key)
         if field_name is not None:
@@ -442,12 +449,12 @@ def _read_row(
 ) -> _Pending | RejectedRow:
     extra = [cell for cell in cells[len(columns.all) :] if cell.strip()]
     if extra:
-        shown = "tab" if delimiter == "\t" else repr(delimiter)
+        delimiter_name = "tab" if delimiter == "\t" else repr(delimiter)
         return RejectedRow(
             row,
             line,
             f"the row has {len(cells)} fields but the header has {len(columns.all)}, so a value "
-            f"probably contains an unquoted {shown}: put quotes around that value",
+            f"probably contains an unquoted {delimiter_name}: put quotes around that value",
         )
 
     def cell(index: int | None) -> str:
@@ -616,6 +623,7 @@ def _country_regions() -> dict[str, str]:
     return regions
 
 
+@cache
 def _region_for_country(country: str) -> str | None:
     return _country_regions().get(_header_key(country))
 
@@ -653,8 +661,8 @@ def _merge_duplicates(pending: list[_Pending], report: ImportReport) -> list[_Pe
         email, url = entry.values["email"], entry.values["linkedin_url"]
         first, key = (by_email.get(email), email) if email else (None, None)
         same_url = by_url.get(url) if url else None
-        # Rows with the same LinkedIn URL are one person unless both have an email address,
-        # and two different addresses may be two mailboxes the person reads.
+        # A row with an earlier row's LinkedIn URL is its duplicate unless both rows have an
+        # email address. Two different addresses stay two leads, because the address is the key.
         if first is None and same_url is not None:
             if email is None or same_url.values["email"] is None:
                 first, key = same_url, url

@@ -121,7 +121,7 @@ class _FreePortController(Controller):
     def _trigger_server(self) -> None:
         if self._thread_exception is not None:
             raise self._thread_exception
-        # aiosmtpd connects to `self.port` to check that the server answers, so port 0 must be
+        # aiosmtpd connects to `self.port` to check that the server responds, so port 0 must be
         # replaced by the bound port first. The server is bound before this runs.
         if self.port == 0 and self.server is not None:
             self.port = self.server.sockets[0].getsockname()[1]
@@ -162,7 +162,7 @@ class SmtpSink:
         return f"smtp://{self.host}:{self.port}"
 
     def start(self) -> None:
-        """Start listening and return once the server answers.
+        """Start listening and return once the server responds.
 
         Raises OSError when the port cannot be bound, for example because it is in use.
         """
@@ -227,7 +227,8 @@ class SmtpSink:
 def read_mailbox(mailbox_dir: Path) -> list[EmailMessage]:
     """Parse the messages stored in a mailbox folder, oldest first.
 
-    Returns an empty list when the folder does not exist yet.
+    Files keep the CRLF line endings of SMTP, but the parsed messages have LF line endings, as
+    Python's email package expects. Returns an empty list when the folder does not exist yet.
     """
     folder = Path(mailbox_dir)
     if not folder.is_dir():
@@ -237,5 +238,6 @@ def read_mailbox(mailbox_dir: Path) -> list[EmailMessage]:
     for path in sorted(folder.glob(f"*{MAILBOX_SUFFIX}")):
         if path.name.startswith("."):
             continue
-        messages.append(cast(EmailMessage, parser.parsebytes(path.read_bytes())))
+        content = path.read_bytes().replace(b"\r\n", b"\n")
+        messages.append(cast(EmailMessage, parser.parsebytes(content)))
     return messages

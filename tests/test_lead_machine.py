@@ -1,0 +1,240 @@
+"""The pure lead machine: timing and failure rules, without any server."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from sequencer.channels import EnrollmentStatus, StepStatus, StepType
+from workflows.lead_machine import (
+    AwaitTask,
+    Execute,
+    Finished,
+    Ignored,
+    LeadSequence,
+    PlannedStep,
+    Sleep,
+)
+
+T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+DAY = timedelta(days=1)
+
+# A mixed campaign: baseline times when every step succeeds are 0, 1d, 3d, 4d, 7d, 8d.
+MIXED = [
+    (StepType.EMAIL, DAY),
+    (StepType.LINKEDIN_VISIT, 2 * DAY),
+    (StepType.EMAIL, DAY),
+    (StepType.LINKEDIN_MESSAGE, 3 * DAY),
+    (StepType.CALL, DAY),
+    (StepType.EMAIL, timedelta(0)),
+]
+
+
+def machine(plan=MIXED) -> LeadSequence:
+    sequence = LeadSequence(
+        [PlannedStep(number, kind, wait) for number, (kind, wait) in enumerate(plan, start=1)]
+    )
+    sequence.begin(T0)
+    return sequence
+
+
+def drive(sequence: LeadSequence, failures: dict[int, StepStatus], now: datetime = T0) -> datetime:
+    """Run the machine to its end: steps succeed unless listed, tasks are done when due."""
+    for _ in range(100):
+        action = sequence.next_action(now)
+        if isinstance(action, Finished):
+            return now
+        if isinstance(action, Sleep):
+            now = action.until
+        elif isinstance(action, AwaitTask):
+            sequence.task_outcome(action.step, "done", now)
+        elif isinstance(action, Execute):
+            status = failures.get(action.step)
+            if status is None:
+                kind = sequence.step(action.step).type
+                is_task = kind in (StepType.CALL, StepType.MANUAL_TASK)
+                status = StepStatus.WAITING if is_task else StepStatus.SENT
+            sequence.record_outcome(action.step, status, now, reason="test")
+    raise AssertionError("the machine did not finish in 100 actions")
+
+
+def table(sequence: LeadSequence) -> list[tuple[int, str, timedelta | None]]:
+    return [(s.step, s.status.value, s.at - T0 if s.at else None) for s in sequence.steps]
+
+
+# Failing position, failure status, then the expected (step, status, at) rows and end status.
+FAILURE_AT_EACH_POSITION = [
+    pytest.param(
+        1,
+        StepStatus.BOUNCED,
+        [(1, "bounced", 0), (2, "sent", 0), (3, "skipped", 0), (4, "sent", 2), (5, "sent", 5), (6, "skipped", 0)],
+        EnrollmentStatus.COMPLETED,
+        id="step-1-email-bounces",
+    ),
+    pytest.param(
+        1,
+        StepStatus.FAILED,
+        [(1, "failed", 0), (2, "sent", 0), (3, "skipped", 0), (4, "sent", 2), (5, "sent", 5), (6, "skipped", 0)],
+        EnrollmentStatus.COMPLETED,
+        id="step-1-email-fails",
+    ),
+    pytest.param(
+        2,
+        StepStatus.FAILED,
+        [(1, "sent", 0), (2, "failed", 1), (3, "sent", 1), (4, "skipped", 1), (5, "sent", 2), (6, "sent", 3)],
+        EnrollmentStatus.COMPLETED,
+        id="step-2-visit-fails",
+    ),
+    pytest.param(
+        3,
+        StepStatus.BOUNCED,
+        [(1, "sent", 0), (2, "sent", 1), (3, "bounced", 3), (4, "sent", 3), (5, "sent", 6), (6, "skipped", 3)],
+        EnrollmentStatus.COMPLETED,
+        id="step-3-email-bounces",
+    ),
+    pytest.param(
+        4,
+        StepStatus.FAILED,
+        [(1, "sent", 0), (2, "sent", 1), (3, "sent", 3), (4, "failed", 4), (5, "sent", 4), (6, "sent", 5)],
+        EnrollmentStatus.COMPLETED,
+        id="step-4-message-fails",
+    ),
+    pytest.param(
+        5,
+        StepStatus.FAILED,
+        [(1, "sent", 0), (2, "sent", 1), (3, "sent", 3), (4, "sent", 4), (5, "failed", 7), (6, "sent", 7)],
+        EnrollmentStatus.COMPLETED,
+        id="step-5-call-fails",
+    ),
+    pytest.param(
+        6,
+        StepStatus.BOUNCED,
+        [(1, "sent", 0), (2, "sent", 1), (3, "sent", 3), (4, "sent", 4), (5, "sent", 7), (6, "bounced", 8)],
+        EnrollmentStatus.STOPPED,
+        id="last-step-bounces",
+    ),
+]
+
+
+@pytest.mark.parametrize("position, failure, expected, end", FAILURE_AT_EACH_POSITION)
+def test_failure_at_each_position(position, failure, expected, end):
+    sequence = machine()
+    drive(sequence, {position: failure})
+    assert table(sequence) == [(n, status, days * DAY) for n, status, days in expected]
+    assert sequence.status == end
+    assert sequence.unsubscribed is (failure == StepStatus.BOUNCED)
+
+
+def test_all_steps_sent_baseline():
+    sequence = machine()
+    drive(sequence, {})
+    assert [row[2] for row in table(sequence)] == [d * DAY for d in (0, 1, 3, 4, 7, 8)]
+    assert sequence.status == EnrollmentStatus.COMPLETED
+
+
+def test_skipped_step_names_its_cause():
+    sequence = machine()
+    drive(sequence, {1: StepStatus.BOUNCED})
+    assert sequence.step(3).reason == "step 1 bounced"
+    assert sequence.step(6).reason == "step 1 bounced"
+
+
+def test_late_bounce_cuts_wait_short():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    assert sequence.next_action(T0) == Sleep(T0 + DAY, 2)
+    result = sequence.late_failure(1, "bounce", T0 + timedelta(hours=5), bounced=True)
+    assert not isinstance(result, Ignored)
+    assert sequence.next_action(T0 + timedelta(hours=5)) == Execute(2)
+    assert sequence.step(3).status == StepStatus.SKIPPED
+
+
+def test_duplicate_late_bounce_ignored():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    sequence.late_failure(1, "bounce", T0 + DAY / 2, bounced=True)
+    entries = len(sequence.log)
+    result = sequence.late_failure(1, "bounce", T0 + DAY / 2, bounced=True)
+    assert isinstance(result, Ignored)
+    assert "already bounced" in result.message
+    assert len(sequence.log) == entries
+
+
+@pytest.mark.parametrize(
+    "step, bounced, message",
+    [
+        (2, False, "not sent"),
+        (9, False, "does not exist"),
+        (2, True, "only email steps can bounce"),
+    ],
+)
+def test_late_failure_that_does_not_apply(step, bounced, message):
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    result = sequence.late_failure(step, "bounce", T0, bounced=bounced)
+    assert isinstance(result, Ignored)
+    assert message in result.message
+
+
+def test_late_failure_after_end_keeps_status():
+    sequence = machine([(StepType.EMAIL, DAY), (StepType.EMAIL, timedelta(0))])
+    end = drive(sequence, {})
+    assert sequence.status == EnrollmentStatus.COMPLETED
+    sequence.late_failure(1, "bounce", end + DAY, bounced=True)
+    assert sequence.status == EnrollmentStatus.COMPLETED
+    assert sequence.step(1).status == StepStatus.BOUNCED
+    assert sequence.unsubscribed is True
+
+
+def test_reply_skips_everything_left():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    sequence.replied(T0 + DAY / 2, channel="email")
+    assert sequence.status == EnrollmentStatus.REPLIED
+    assert {s.status for s in sequence.steps[1:]} == {StepStatus.SKIPPED}
+    assert {s.reason for s in sequence.steps[1:]} == {"replied"}
+    assert isinstance(sequence.next_action(T0 + DAY), Finished)
+
+
+def test_auto_reply_does_not_stop():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    result = sequence.replied(T0 + DAY / 2, auto_reply=True)
+    assert isinstance(result, Ignored)
+    assert sequence.status == EnrollmentStatus.RUNNING
+    assert sequence.next_action(T0 + DAY / 2) == Sleep(T0 + DAY, 2)
+
+
+def test_task_wait_counts_from_completion():
+    sequence = machine([(StepType.MANUAL_TASK, DAY), (StepType.EMAIL, timedelta(0))])
+    sequence.record_outcome(1, StepStatus.WAITING, T0)
+    assert sequence.next_action(T0 + 3 * DAY) == AwaitTask(1)
+    sequence.task_outcome(1, "done", T0 + 3 * DAY)
+    assert sequence.next_action(T0 + 3 * DAY) == Sleep(T0 + 4 * DAY, 2)
+
+
+def test_task_outcome_for_other_step_ignored():
+    sequence = machine([(StepType.MANUAL_TASK, DAY), (StepType.EMAIL, timedelta(0))])
+    sequence.record_outcome(1, StepStatus.WAITING, T0)
+    result = sequence.task_outcome(2, "done", T0)
+    assert isinstance(result, Ignored)
+    assert sequence.step(1).status == StepStatus.WAITING
+
+
+def test_pause_freezes_remaining_wait():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    sequence.hold(T0 + timedelta(hours=6), "operator")
+    sequence.release(T0 + 5 * DAY)
+    assert sequence.next_action(T0 + 5 * DAY) == Sleep(T0 + 5 * DAY + timedelta(hours=18), 2)
+
+
+def test_machine_never_imports_temporalio():
+    code = "import sys, workflows.lead_machine; print('temporalio' in sys.modules)"
+    output = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
+    assert output.strip() == "False"
