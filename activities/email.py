@@ -6,12 +6,15 @@ Outcomes of `send_email`:
     bounced     the server rejected the recipient as a bad address (RCPT or DATA, hard reply)
     failed      the lead has no usable address, a template variable is missing, no sender
     skipped     the address is on the suppression list
-    raised      TransientChannelError for 4xx replies, full mailboxes and network errors, so
-                Temporal retries with backoff; AccountInterruptedError (non-retryable) when the
-                sending side is at fault: bad credentials, refused connection, blocklisted IP
+    raised      TransientChannelError for most 4xx replies, full mailboxes and network errors,
+                so Temporal retries with backoff. AccountInterruptedError (non-retryable) when
+                the sending side is at fault: bad credentials, refused connection, blocklisted
+                IP, and 4xx replies that blame the sender's reputation.
 
 Message-IDs are derived from the campaign, the lead and the step, so a follow-up can thread
 under earlier steps without storing anything, and a retried send reuses the same Message-ID.
+NOTE: a retry after the server accepted the message, but before Temporal recorded the result,
+sends it twice. Only receivers that deduplicate by Message-ID show it once.
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pydantic import (
     ValidationError,
     field_serializer,
     field_validator,
+    model_validator,
 )
 
 from sequencer.addresses import InvalidEmailError, normalize_email
@@ -189,9 +190,18 @@ class Campaign(_Model):
     sender: Sender | None = None
     steps: list[Step] = Field(min_length=1)
 
-    def model_post_init(self, context: Any) -> None:
-        if not self.id:
-            object.__setattr__(self, "id", slugify(self.name))
+    @model_validator(mode="before")
+    @classmethod
+    def _default_id(cls, data: Any) -> Any:
+        if isinstance(data, dict) and not data.get("id") and isinstance(data.get("name"), str):
+            slug = slugify(data["name"])
+            if not slug:
+                raise ValueError(
+                    f"cannot derive a campaign id from the name {data['name']!r}: add an `id:` "
+                    "field with lower-case letters, digits and dashes"
+                )
+            data = {**data, "id": slug}
+        return data
 
     @field_validator("id")
     @classmethod

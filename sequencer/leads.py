@@ -128,11 +128,12 @@ class DuplicateRow:
 class ImportReport:
     """The outcome of one import: imported leads, rejected rows and merged duplicates.
 
-    `columns` maps each header name to the Lead field or template variable it fills.
+    `columns` pairs each header name, in file order, with the Lead field or template variable
+    it fills, such as ("Mobile Phone", "phone") or ("City", "variable city").
     """
 
     source: str
-    columns: dict[str, str] = field(default_factory=dict)
+    columns: list[tuple[str, str]] = field(default_factory=list)
     leads: list[ImportedLead] = field(default_factory=list)
     rejected: list[RejectedRow] = field(default_factory=list)
     duplicates: list[DuplicateRow] = field(default_factory=list)
@@ -214,7 +215,7 @@ def read_leads(
     if header is None:
         raise LeadFileError(f"{name} has an invalid header line: {header_error}")
     columns = _map_columns(header, name)
-    report = ImportReport(source=name, columns={c.header: c.target for c in columns.all})
+    report = ImportReport(source=name, columns=[(c.header, c.target) for c in columns.all])
 
     pending: list[_Pending] = []
     for row, (line, cells, csv_error) in enumerate(records, start=1):
@@ -352,6 +353,9 @@ _ALIAS_FIELD = {
     for alias in aliases
 }
 
+_COUNTRY_KEYS = frozenset(_header_key(alias) for alias in COUNTRY_ALIASES)
+_EMAIL_STATUS_KEYS = frozenset(_header_key(alias) for alias in EMAIL_STATUS_ALIASES)
+
 
 def variable_name(header: str) -> str:
     """Turn a header into a template variable name, such as company_name_for_emails.
@@ -401,9 +405,9 @@ def _map_columns(header: list[str], name: str) -> _Columns:
             columns.append(_Column(index, header_text, field_name))
             continue
 
-        if key in {_header_key(alias) for alias in COUNTRY_ALIASES} and country is None:
+        if key in _COUNTRY_KEYS and country is None:
             country = index
-        if key in {_header_key(alias) for alias in EMAIL_STATUS_ALIASES} and email_status is None:
+        if key in _EMAIL_STATUS_KEYS and email_status is None:
             email_status = index
         base = variable_name(header_text) or f"column_{index + 1}"
         variable, suffix = base, 2

@@ -1,10 +1,12 @@
 """Classify the failure replies of an SMTP server into what the engine does next.
 
     hard    the recipient address is bad (user unknown, account disabled, moved): STOP_EMAIL
-    soft    a condition that may pass (any 4xx, a full mailbox, a recipient receiving too much
-            mail, greylisting): RETRY_LATER
+    soft    a condition that may pass (a 4xx reply, a full mailbox, a recipient receiving too
+            much mail, greylisting): RETRY_LATER
     sender  the sending side is at fault (blocklisted IP, SPF/DKIM/DMARC failure, content
-            rejected as spam, a malformed or oversized message, bad credentials): SENDER_ALERT
+            rejected as spam, a malformed or oversized message, bad credentials): SENDER_ALERT.
+            This includes 4xx replies that blame the sender, such as Microsoft's 4.7.650
+            deferral of a sending IP with a poor reputation.
 
 The enhanced status code (RFC 3463, `X.Y.Z`) is read from the reply text. Phrases in the text
 win over the codes, because servers reuse codes loosely. Gmail sends 5.2.1 both for a disabled
@@ -266,9 +268,8 @@ def _classify(code: int, status: str | None, text: str) -> tuple[ReplyKind, str]
 def _temporary_subtype(code: int, status: str | None, text: str) -> str:
     if (status is not None and status.endswith(".4.7")) or re.search(r"expired", text, re.I):
         return "expired"
-    if re.search(r"insufficient (disk|system) (space|storage)", text, re.I) or status in (
-        "4.3.1",
-        "4.4.5",
+    if status in ("4.3.1", "4.4.5") or re.search(
+        r"insufficient (disk|system) (space|storage)", text, re.I
     ):
         return "remote-system-full"
     if code == 421:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import sys
 from pathlib import Path
@@ -10,10 +11,39 @@ from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.runtime import (
+    LogForwardingConfig,
+    LoggingConfig,
+    Runtime,
+    TelemetryConfig,
+    TelemetryFilter,
+)
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from sequencer.models import SEARCH_ATTRIBUTES
+
+
+CORE_LOGGER = logging.getLogger("temporalio.core")
+
+
+def _install_runtime() -> None:
+    # The SDK's native core prints its own log lines to stdout, which would corrupt `--json`
+    # output. Forward them to Python logging instead, where they go to stderr like ours.
+    Runtime.set_default(
+        Runtime(
+            telemetry=TelemetryConfig(
+                logging=LoggingConfig(
+                    filter=TelemetryFilter(core_level="WARN", other_level="ERROR"),
+                    forwarding=LogForwardingConfig(logger=CORE_LOGGER, append_target_to_name=False),
+                )
+            )
+        ),
+        error_if_already_set=False,
+    )
+
+
+_install_runtime()
 
 
 async def connect(address: str, namespace: str = "default") -> Client:

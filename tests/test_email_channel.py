@@ -338,6 +338,24 @@ async def test_non_ascii_local_part_without_smtputf8_fails() -> None:
     assert handler.envelopes == []
 
 
+async def test_line_breaks_in_variables_add_no_headers(sink: SmtpSink, mailbox: Path) -> None:
+    lead = Lead(
+        email=LEAD_EMAIL,
+        first_name="Ann\r\nBcc: victim@example.net",
+        last_name="Lee\nX-Injected: yes",
+        company="Acme",
+    )
+
+    outcome = await send(make_input(sink.smtp_url, lead=lead))
+
+    assert outcome.status == StepStatus.SENT
+    (message,) = read_mailbox(mailbox)
+    assert message["Bcc"] is None
+    assert message["X-Injected"] is None
+    assert message["Subject"] == "Hello Ann Bcc: victim@example.net"
+    assert message["To"].addresses[0].addr_spec == LEAD_EMAIL
+
+
 async def test_non_email_step_rejected(sink: SmtpSink) -> None:
     with pytest.raises(ApplicationError) as raised:
         await send(make_input(sink.smtp_url, step=LinkedInVisitStep()))

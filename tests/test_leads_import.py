@@ -114,13 +114,12 @@ def test_corpus_counts(apollo_report: ImportReport) -> None:
 
 
 def test_corpus_header_without_bom(apollo_report: ImportReport) -> None:
-    headers = list(apollo_report.columns)
+    columns = dict(apollo_report.columns)
 
-    assert headers[0] == "First Name"
-    assert apollo_report.columns["First Name"] == "first_name"
-    assert apollo_report.columns["Person Linkedin Url"] == "linkedin_url"
-    assert apollo_report.columns["Mobile Phone"] == "phone"
-    assert apollo_report.columns["Company Name for Emails"] == "variable company_name_for_emails"
+    assert apollo_report.columns[0] == ("First Name", "first_name")
+    assert columns["Person Linkedin Url"] == "linkedin_url"
+    assert columns["Mobile Phone"] == "phone"
+    assert columns["Company Name for Emails"] == "variable company_name_for_emails"
 
 
 def test_corpus_line_numbers(apollo_report: ImportReport) -> None:
@@ -255,7 +254,7 @@ def test_second_bom_ignored(tmp_path: Path) -> None:
 
     report = read_leads(path)
 
-    assert report.columns == {"email": "email"}
+    assert report.columns == [("email", "email")]
 
 
 def test_excel_separator_line(tmp_path: Path) -> None:
@@ -297,7 +296,7 @@ def test_header_spellings(tmp_path: Path, header: str, field: str) -> None:
 
     report = read_leads(path)
 
-    assert report.columns[header] == field
+    assert dict(report.columns)[header] == field
     assert getattr(report.leads[0].lead, field) == values[field]
 
 
@@ -320,8 +319,8 @@ def test_phone_header_spellings(tmp_path: Path, header: str) -> None:
 def test_extra_columns_become_variables(tmp_path: Path) -> None:
     path = _write(
         tmp_path,
-        "email,Company Name for Emails,jobTitle,Geschäftsführer Notiz,City,city ,2nd Line,\n"
-        "jane@example.com, Acme ,CTO,Grüße,Berlin,Munich,x,orphan\n",
+        "email,Company Name for Emails,jobTitle,Geschäftsführer Notiz,City,city ,2nd Line,,City\n"
+        "jane@example.com, Acme ,CTO,Grüße,Berlin,Munich,x,orphan,Paris\n",
     )
 
     report = read_leads(path)
@@ -334,6 +333,8 @@ def test_extra_columns_become_variables(tmp_path: Path) -> None:
     assert variables["city_2"] == "Munich"
     assert variables["column_2nd_line"] == "x"
     assert variables["column_8"] == "orphan"
+    assert variables["city_3"] == "Paris"
+    assert report.columns[-1] == ("City", "variable city_3")
 
 
 def test_variable_values_nfc(tmp_path: Path) -> None:
