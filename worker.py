@@ -76,9 +76,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         )
         stack.push_async_callback(linkedin.aclose)
         worker = build_worker(client, settings, store, linkedin)
-        logger.info(
-            "Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address
-        )
+        logger.info("Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address)
         async with worker:
             await stop.wait()
         logger.info("Worker stopped")

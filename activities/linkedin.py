@@ -30,9 +30,7 @@ from sequencer.templates import MissingVariableError, render
 
 logger = logging.getLogger(__name__)
 
-# NOTE: `Reason` in sequencer/channels.py lacks this value. Move it there, keeping the value,
-# because stored histories contain it.
-PROVIDER_REJECTED = "provider_rejected"
+PROVIDER_REJECTED = Reason.PROVIDER_REJECTED
 # Error type for a step that is not a LinkedIn step, which is a bug in the caller.
 UNSUPPORTED_STEP_ERROR_TYPE = "UnsupportedStepType"
 
@@ -223,7 +221,9 @@ class LinkedInActivities:
         )
 
     def _fail(self, input: StepInput, reason: str, detail: str | None) -> StepOutcome:
-        logger.warning(
+        # A failed step is a normal business outcome (the workflow applies the failed-step
+        # rule), not a fault of the worker, so it is logged at INFO.
+        logger.info(
             "campaign %s workflow %s step %s: LinkedIn step failed: %s",
             input.campaign_id,
             input.workflow_id,

@@ -41,7 +41,7 @@ def normalize_email(value: str) -> str:
 
 
 def ascii_email(value: str) -> str:
-    """Return the address with an IDNA (A-label) domain, as an SMTP envelope without SMTPUTF8 needs."""
+    """Return the address with an IDNA (A-label) domain, for an SMTP envelope without SMTPUTF8."""
     result = validate_email(
         value, check_deliverability=False, test_environment=True, globally_deliverable=False
     )

@@ -73,7 +73,13 @@ FINAL_STATUSES = frozenset(
 class Reason(StrEnum):
     """Machine-readable reasons recorded with failed and skipped steps."""
 
+    BOUNCE = "bounce"
     RETRIES_EXHAUSTED = "retries_exhausted"
+    NO_SENDER = "no_sender"
+    INVALID_EMAIL_ADDRESS = "invalid_email_address"
+    UNSUPPORTED_ADDRESS = "unsupported_address"
+    PROVIDER_REJECTED = "provider_rejected"
+    TASK_FAILED = "task_failed"
     NO_EMAIL_ADDRESS = "no_email_address"
     NO_LINKEDIN_URL = "no_linkedin_url"
     NO_PHONE_NUMBER = "no_phone_number"

@@ -28,7 +28,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-event_app = typer.Typer(help="Report what the world said about a lead: a bounce, a failure, a reply.")
+event_app = typer.Typer(
+    help="Report what the world said about a lead: a bounce, a failure, a reply."
+)
 task_app = typer.Typer(help="Calls and manual tasks waiting for a person.")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
@@ -92,7 +94,9 @@ def up(
     from sequencer.stack import LocalStack, StackError, StackPorts
 
     _configure_logging()
-    stack = LocalStack(load_settings(), StackPorts(temporal_port, ui_port, smtp_port, linkedin_port))
+    stack = LocalStack(
+        load_settings(), StackPorts(temporal_port, ui_port, smtp_port, linkedin_port)
+    )
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -180,7 +184,8 @@ def _launch_dict(report: LaunchReport) -> dict[str, Any]:
         ],
         "rejected": [{"row": r.row, "line": r.line, "reason": r.reason} for r in imported.rejected],
         "duplicates": [
-            {"row": d.row, "line": d.line, "duplicate_of_row": d.of_row} for d in imported.duplicates
+            {"row": d.row, "line": d.line, "duplicate_of_row": d.of_row}
+            for d in imported.duplicates
         ],
     }
 
@@ -239,7 +244,10 @@ def leads(
     if as_json:
         print(
             json.dumps(
-                [{"lead": r.lead_key, "status": r.status, "unsubscribed": r.unsubscribed} for r in rows],
+                [
+                    {"lead": r.lead_key, "status": r.status, "unsubscribed": r.unsubscribed}
+                    for r in rows
+                ],
                 indent=2,
             )
         )
@@ -248,7 +256,9 @@ def leads(
     for column in ("lead", "status", "unsubscribed", "workflow id"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row.lead_key, _styled(row.status), "yes" if row.unsubscribed else "", row.workflow_id)
+        table.add_row(
+            row.lead_key, _styled(row.status), "yes" if row.unsubscribed else "", row.workflow_id
+        )
     console.print(table)
 
 
@@ -277,7 +287,8 @@ def print_activity(report: ActivityReport) -> None:
     enrollment = report.enrollment
     started = enrollment.enrolled_at
     console.print(
-        f"[bold]{enrollment.lead_key}[/bold] in {report.campaign.name}: {_styled(enrollment.status)}"
+        f"[bold]{enrollment.lead_key}[/bold] in {report.campaign.name}: "
+        + _styled(enrollment.status)
         + (" [red](unsubscribed)[/red]" if enrollment.unsubscribed else ""),
         highlight=False,
     )
@@ -336,7 +347,9 @@ def stats(
 
 
 def print_stats(result: CampaignStats) -> None:
-    leads = ", ".join(f"{_styled(status)} {count}" for status, count in result.leads.items() if count)
+    leads = ", ".join(
+        f"{_styled(status)} {count}" for status, count in result.leads.items() if count
+    )
     console.print(
         f"[bold]{result.campaign_name}[/bold] ({result.campaign_id}): {leads or 'no leads'}; "
         f"{result.unsubscribed} unsubscribed",
@@ -443,8 +456,13 @@ def task_list(
         table.add_column(column)
     for row in rows:
         table.add_row(
-            str(row.id), row.campaign_id, row.lead_key, str(row.step), row.step_type,
-            _styled(row.status), row.instructions,
+            str(row.id),
+            row.campaign_id,
+            row.lead_key,
+            str(row.step),
+            row.step_type,
+            _styled(row.status),
+            row.instructions,
         )
     console.print(table)
 
@@ -531,7 +549,11 @@ def _human_offset(seconds: int) -> str:
     days, rest = divmod(seconds, 86400)
     hours, rest = divmod(rest, 3600)
     minutes, secs = divmod(rest, 60)
-    parts = [f"{days}d" if days else "", f"{hours}h" if hours else "", f"{minutes}m" if minutes else ""]
+    parts = [
+        f"{days}d" if days else "",
+        f"{hours}h" if hours else "",
+        f"{minutes}m" if minutes else "",
+    ]
     text = "".join(parts) + (f"{secs}s" if secs or not any(parts) else "")
     return f"+{text}"
 

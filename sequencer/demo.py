@@ -37,7 +37,9 @@ async def run_demo(settings: Settings, console: Console, timeout: float) -> None
     if running:
         console.print(f"Using the local stack already running (UI {running.get('ui_url')})")
     else:
-        console.print("Starting the local stack (Temporal dev server, SMTP, LinkedIn sandbox, worker)...")
+        console.print(
+            "Starting the local stack (Temporal dev server, SMTP, LinkedIn sandbox, worker)..."
+        )
         stack = LocalStack(settings, StackPorts())
         await stack.start()
         settings = stack.settings
@@ -65,12 +67,14 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
         console.print(
             f"Launched [bold]{report.campaign.name}[/bold] as {campaign_id}: "
             f"{len(report.enrolled)} leads enrolled"
-            + (f", {sum(bool(l.warnings) for l in imported.leads)} with warnings" if imported.leads else ""),
+            + f", {sum(bool(lead.warnings) for lead in imported.leads)} with warnings",
             highlight=False,
         )
         for lead in imported.leads:
             for warning in lead.warnings:
-                console.print(f"  [yellow]row {lead.row} {lead.lead.key}: {warning}[/yellow]", highlight=False)
+                console.print(
+                    f"  [yellow]row {lead.row} {lead.lead.key}: {warning}[/yellow]", highlight=False
+                )
 
     deadline = time.monotonic() + timeout
     late_bounced: set[str] = set()
@@ -144,9 +148,13 @@ async def _play_world(
                     True,
                     "550 5.1.1 mailbox does not exist (reported late by the demo)",
                 )
-                console.print(f"[magenta]mail system:[/magenta] {row.lead_key}: {message}", highlight=False)
+                console.print(
+                    f"[magenta]mail system:[/magenta] {row.lead_key}: {message}", highlight=False
+                )
     for task in service.tasks("open"):
         opened = task.created_at.timestamp()
         if datetime.now(UTC).timestamp() - opened >= TASK_DELAY:
             message = await service.close_task(task.id, "done", "called by the demo")
-            console.print(f"[magenta]sales rep:[/magenta] {task.lead_key}: {message}", highlight=False)
+            console.print(
+                f"[magenta]sales rep:[/magenta] {task.lead_key}: {message}", highlight=False
+            )

@@ -101,7 +101,13 @@ class StepInput(BaseModel):
 class StepOutcome(BaseModel):
     """The result of a channel activity. Transient errors are raised, not returned."""
 
-    status: Literal[StepStatus.SENT, StepStatus.FAILED, StepStatus.BOUNCED, StepStatus.WAITING, StepStatus.SKIPPED]
+    status: Literal[
+        StepStatus.SENT,
+        StepStatus.FAILED,
+        StepStatus.BOUNCED,
+        StepStatus.WAITING,
+        StepStatus.SKIPPED,
+    ]
     reason: str | None = None
     detail: str | None = None  # a provider reference or the SMTP reply, shown in Activity
 
@@ -124,7 +130,9 @@ class LogEntry(BaseModel):
     seq: int
     at: datetime
     kind: Literal["step", "event"]
-    status: str  # a StepStatus for steps; enrolled, waiting, unsubscribed, replied, ended... for events
+    status: (
+        str  # a StepStatus for steps; enrolled, waiting, unsubscribed, replied, ended... for events
+    )
     step: int | None = None
     step_type: str | None = None
     channel: str | None = None

@@ -216,7 +216,11 @@ class Sequencer:
     def workflow_url(self, workflow_id: str) -> str | None:
         stack = read_stack_file(self.settings.stack_file)
         ui = stack.get("ui_url")
-        return f"{ui}/namespaces/{self.settings.temporal_namespace}/workflows/{workflow_id}" if ui else None
+        return (
+            f"{ui}/namespaces/{self.settings.temporal_namespace}/workflows/{workflow_id}"
+            if ui
+            else None
+        )
 
     # Events reported by the world
 
@@ -234,7 +238,8 @@ class Sequencer:
         enrollment = self._enrollment(campaign, lead_ref)
         if not 1 <= step <= len(campaign.steps):
             raise ServiceError(
-                f"step {step} does not exist: campaign {campaign.id!r} has {len(campaign.steps)} steps"
+                f"step {step} does not exist: campaign {campaign.id!r} has "
+                f"{len(campaign.steps)} steps"
             )
         if bounced and campaign.steps[step - 1].channel != Channel.EMAIL:
             raise ServiceError(
@@ -243,7 +248,9 @@ class Sequencer:
             )
         state = self.store.step_states(enrollment.workflow_id, campaign)[step - 1]
         if state.status in (StepStatus.FAILED, StepStatus.BOUNCED):
-            return f"step {step} of {enrollment.lead_key} is already {state.status}; nothing changed"
+            return (
+                f"step {step} of {enrollment.lead_key} is already {state.status}; nothing changed"
+            )
         if state.status not in (StepStatus.SENT, StepStatus.WAITING):
             raise ServiceError(
                 f"step {step} of {enrollment.lead_key} is {state.status}, not sent: a failure "
@@ -297,7 +304,9 @@ class Sequencer:
         self.store.record_external(
             enrollment.workflow_id,
             f"reply:{datetime.now(UTC).isoformat()}",
-            LogEntry(seq=0, at=datetime.now(UTC), kind="event", status="reply_after_end", detail=channel),
+            LogEntry(
+                seq=0, at=datetime.now(UTC), kind="event", status="reply_after_end", detail=channel
+            ),
         )
         return f"reply recorded; the enrollment had already ended as {enrollment.status}"
 

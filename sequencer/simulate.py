@@ -107,7 +107,9 @@ def load_outcomes(path: str | Path, campaign: Campaign, leads: list[Lead]) -> di
     for raw_key, raw_script in data.items():
         key = _lead_key(str(raw_key))
         if key not in keys:
-            problems.append(f"{raw_key}: not a lead of the leads file; use its email or LinkedIn URL")
+            problems.append(
+                f"{raw_key}: not a lead of the leads file; use its email or LinkedIn URL"
+            )
             continue
         try:
             script = LeadScript.model_validate(raw_script or {})
@@ -138,7 +140,9 @@ def _check_script(lead: str, script: LeadScript, campaign: Campaign) -> list[str
     count = len(campaign.steps)
     for number, outcome in script.steps.items():
         if not 1 <= number <= count:
-            problems.append(f"{lead}: step {number} does not exist (the campaign has {count} steps)")
+            problems.append(
+                f"{lead}: step {number} does not exist (the campaign has {count} steps)"
+            )
         elif outcome == "bounce" and campaign.steps[number - 1].channel != Channel.EMAIL:
             problems.append(f"{lead}: step {number} is not an email step: use fail, not bounce")
     for event in script.events:
@@ -148,9 +152,10 @@ def _check_script(lead: str, script: LeadScript, campaign: Campaign) -> list[str
             problems.append(f"{lead}: a {event.type} event needs a step number")
         elif not 1 <= event.step <= count:
             problems.append(f"{lead}: event step {event.step} does not exist ({count} steps)")
-        elif event.type.startswith("task_") and StepType(
-            campaign.steps[event.step - 1].type
-        ) not in TASK_STEP_TYPES:
+        elif (
+            event.type.startswith("task_")
+            and StepType(campaign.steps[event.step - 1].type) not in TASK_STEP_TYPES
+        ):
             problems.append(f"{lead}: step {event.step} is not a call or manual task")
         elif event.type == "bounce" and campaign.steps[event.step - 1].channel != Channel.EMAIL:
             problems.append(f"{lead}: step {event.step} is not an email step: use fail")
@@ -210,7 +215,9 @@ class SimulatedChannels:
 
 def _signal_for(event: ScriptedEvent) -> tuple[str, Any]:
     if event.type == "bounce":
-        return "report_failure", LateFailure(step=event.step, reason=event.reason or "bounce", bounced=True)
+        return "report_failure", LateFailure(
+            step=event.step, reason=event.reason or "bounce", bounced=True
+        )
     if event.type == "fail":
         return "report_failure", LateFailure(step=event.step, reason=event.reason or "failed")
     if event.type == "reply":

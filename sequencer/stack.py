@@ -120,7 +120,8 @@ class LocalStack:
         self.home.mkdir(parents=True, exist_ok=True)
         if running_stack(self.settings):
             raise StackError(
-                f"a local stack is already running for {self.home} (see {self.settings.stack_file}); "
+                f"a local stack is already running for {self.home} "
+                f"(see {self.settings.stack_file}); "
                 "stop it with Ctrl-C in its terminal, or use another SEQUENCER_HOME"
             )
         for name, port in (
@@ -210,7 +211,8 @@ class LocalStack:
             except Exception:
                 if time.monotonic() > deadline:
                     raise StackError(
-                        f"the Temporal dev server did not answer within {SERVER_START_TIMEOUT:.0f}s; "
+                        "the Temporal dev server did not answer within "
+                        f"{SERVER_START_TIMEOUT:.0f}s; "
                         f"see {self.home / 'temporal.log'}"
                     ) from None
                 await asyncio.sleep(0.5)

@@ -230,7 +230,11 @@ class Store:
         now = _now()
         definition = json.loads(campaign.model_dump_json())
         statement = self._insert(campaigns).values(
-            id=campaign.id, name=campaign.name, definition=definition, created_at=now, updated_at=now
+            id=campaign.id,
+            name=campaign.name,
+            definition=definition,
+            created_at=now,
+            updated_at=now,
         )
         statement = statement.on_conflict_do_update(
             index_elements=["id"],
@@ -244,18 +248,25 @@ class Store:
         with self.engine.connect() as connection:
             row = connection.execute(
                 select(campaigns.c.definition).where(
-                    (campaigns.c.id == reference) | (func.lower(campaigns.c.name) == reference.lower())
+                    (campaigns.c.id == reference)
+                    | (func.lower(campaigns.c.name) == reference.lower())
                 )
             ).first()
             if row is None:
                 known = [r.id for r in connection.execute(select(campaigns.c.id))]
-                hint = f"known campaigns: {', '.join(known)}" if known else "no campaign is launched yet"
+                hint = (
+                    f"known campaigns: {', '.join(known)}"
+                    if known
+                    else "no campaign is launched yet"
+                )
                 raise NotFoundError(f"campaign {reference!r} not found ({hint})")
         return Campaign.model_validate(row.definition)
 
     def list_campaigns(self) -> list[Campaign]:
         with self.engine.connect() as connection:
-            rows = connection.execute(select(campaigns.c.definition).order_by(campaigns.c.created_at))
+            rows = connection.execute(
+                select(campaigns.c.definition).order_by(campaigns.c.created_at)
+            )
             return [Campaign.model_validate(row.definition) for row in rows]
 
     def add_enrollment(self, workflow_id: str, campaign_id: str, lead: Lead) -> bool:
@@ -345,7 +356,9 @@ class Store:
                 connection.execute(
                     update(tasks)
                     .where(tasks.c.workflow_id == record.workflow_id, tasks.c.status == OPEN)
-                    .values(status="cancelled", closed_at=_now(), note=f"enrollment {record.status}")
+                    .values(
+                        status="cancelled", closed_at=_now(), note=f"enrollment {record.status}"
+                    )
                 )
             if record.unsubscribe_address:
                 self._suppress(connection, record.unsubscribe_address, "bounce", record.workflow_id)
@@ -414,8 +427,9 @@ class Store:
         latest: dict[tuple[str, int], str] = {}
         with self.engine.connect() as connection:
             for row in connection.execute(
-                select(enrollments.c.workflow_id, enrollments.c.status, enrollments.c.unsubscribed)
-                .where(enrollments.c.campaign_id == campaign.id)
+                select(
+                    enrollments.c.workflow_id, enrollments.c.status, enrollments.c.unsubscribed
+                ).where(enrollments.c.campaign_id == campaign.id)
             ):
                 statuses[row.status] += 1
                 result.unsubscribed += bool(row.unsubscribed)
@@ -489,7 +503,9 @@ class Store:
             ).one()
         return _task(row)
 
-    def list_tasks(self, status: str | None = OPEN, campaign_id: str | None = None) -> list[TaskRow]:
+    def list_tasks(
+        self, status: str | None = OPEN, campaign_id: str | None = None
+    ) -> list[TaskRow]:
         query = select(tasks).order_by(tasks.c.created_at, tasks.c.id)
         if status:
             query = query.where(tasks.c.status == status)
@@ -502,7 +518,9 @@ class Store:
         with self.engine.connect() as connection:
             row = connection.execute(select(tasks).where(tasks.c.id == task_id)).first()
         if row is None:
-            raise NotFoundError(f"task {task_id} not found; list open tasks with `sequencer task list`")
+            raise NotFoundError(
+                f"task {task_id} not found; list open tasks with `sequencer task list`"
+            )
         return _task(row)
 
     def close_task(self, task_id: int, status: str, note: str | None = None) -> bool:

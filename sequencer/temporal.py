@@ -23,7 +23,6 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 
 from sequencer.models import SEARCH_ATTRIBUTES
 
-
 CORE_LOGGER = logging.getLogger("temporalio.core")
 
 
@@ -47,7 +46,9 @@ _install_runtime()
 
 
 async def connect(address: str, namespace: str = "default") -> Client:
-    return await Client.connect(address, namespace=namespace, data_converter=pydantic_data_converter)
+    return await Client.connect(
+        address, namespace=namespace, data_converter=pydantic_data_converter
+    )
 
 
 def find_binary(name: str) -> Path:

@@ -18,15 +18,28 @@ def test_examples_load():
     campaign = load_campaign(EXAMPLES / "mixed-outreach.yaml")
     assert campaign.id == "mixed-outreach-demo"
     assert [step.channel.value for step in campaign.steps] == [
-        "linkedin", "linkedin", "email", "email", "phone",
+        "linkedin",
+        "linkedin",
+        "email",
+        "email",
+        "phone",
     ]
     assert load_campaign(EXAMPLES / "email-only.yaml").steps[0].wait_after == timedelta(seconds=5)
 
 
 @pytest.mark.parametrize(
     "text, seconds",
-    [("2d", 172800), ("36h", 129600), ("90m", 5400), ("45s", 45), ("1d12h", 129600),
-     ("P2D", 172800), ("PT36H", 129600), ("p1dt1h", 90000), (30, 30)],
+    [
+        ("2d", 172800),
+        ("36h", 129600),
+        ("90m", 5400),
+        ("45s", 45),
+        ("1d12h", 129600),
+        ("P2D", 172800),
+        ("PT36H", 129600),
+        ("p1dt1h", 90000),
+        (30, 30),
+    ],
 )
 def test_duration_forms(text, seconds):
     assert parse_duration(text).total_seconds() == seconds
@@ -54,8 +67,10 @@ def test_unknown_step_type_named():
 
 def test_bad_duration_named():
     found = problems([{"type": "linkedin_visit"}, {"type": "linkedin_visit", "wait_after": "2x"}])
-    assert found == ["step 2 (linkedin_visit): wait_after: invalid duration '2x': use a form "
-                     "such as 2d, 36h, 90m, 45s or P2D"]
+    assert found == [
+        "step 2 (linkedin_visit): wait_after: invalid duration '2x': use a form "
+        "such as 2d, 36h, 90m, 45s or P2D"
+    ]
 
 
 def test_missing_subject_named():
@@ -111,7 +126,9 @@ def test_render_refuses_missing_variable():
     assert error.value.names == ["company"]
 
 
-@pytest.mark.parametrize("template", ["{{first_name}", "{{{first_name}}", "first_name}}", "{{a b}}"])
+@pytest.mark.parametrize(
+    "template", ["{{first_name}", "{{{first_name}}", "first_name}}", "{{a b}}"]
+)
 def test_template_syntax_errors(template):
     with pytest.raises(TemplateSyntaxError):
         render(template, {"first_name": "Ann"})

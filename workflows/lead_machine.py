@@ -52,7 +52,13 @@ STATES = ["enrolled", *(status.value for status in EnrollmentStatus)]
 # Step status moves. A sent step can still fail later: a bounce or a provider's report.
 STEP_MOVES: dict[StepStatus, frozenset[StepStatus]] = {
     StepStatus.PENDING: frozenset(
-        {StepStatus.WAITING, StepStatus.SENT, StepStatus.FAILED, StepStatus.BOUNCED, StepStatus.SKIPPED}
+        {
+            StepStatus.WAITING,
+            StepStatus.SENT,
+            StepStatus.FAILED,
+            StepStatus.BOUNCED,
+            StepStatus.SKIPPED,
+        }
     ),
     StepStatus.WAITING: frozenset({StepStatus.SENT, StepStatus.FAILED, StepStatus.SKIPPED}),
     StepStatus.SENT: frozenset({StepStatus.FAILED, StepStatus.BOUNCED}),
@@ -250,17 +256,26 @@ class LeadSequence:
             raise InvalidStepMove(f"step {number}: an activity cannot return {status}")
 
     def late_failure(
-        self, number: int, reason: str, now: datetime, bounced: bool = False, detail: str | None = None
+        self,
+        number: int,
+        reason: str,
+        now: datetime,
+        bounced: bool = False,
+        detail: str | None = None,
     ) -> EventResult:
         """Apply a failure reported after the step ran (rule 7)."""
         try:
             step = self.step(number)
         except KeyError:
-            return Ignored(f"step {number} does not exist: the campaign has {len(self.steps)} steps")
+            return Ignored(
+                f"step {number} does not exist: the campaign has {len(self.steps)} steps"
+            )
         if bounced and step.channel != Channel.EMAIL:
             return Ignored(f"step {number} is a {step.type} step: only email steps can bounce")
         if step.status in (StepStatus.FAILED, StepStatus.BOUNCED):
-            return Ignored(f"step {number} is already {step.status}: the failure was recorded before")
+            return Ignored(
+                f"step {number} is already {step.status}: the failure was recorded before"
+            )
         if step.status not in (StepStatus.SENT, StepStatus.WAITING):
             return Ignored(f"step {number} is {step.status}, not sent: there is nothing to fail")
 
@@ -284,7 +299,9 @@ class LeadSequence:
             if 1 <= number <= len(self.steps):
                 current = self.step(number).status
                 return Ignored(f"step {number} is {current}, not waiting for a person")
-            return Ignored(f"step {number} does not exist: the campaign has {len(self.steps)} steps")
+            return Ignored(
+                f"step {number} does not exist: the campaign has {len(self.steps)} steps"
+            )
         step = self.step(number)
         if outcome == "done":
             self._set_status(step, StepStatus.SENT, now, None, reason)
@@ -360,13 +377,17 @@ class LeadSequence:
                 self._set_status(other, StepStatus.SKIPPED, now, cause, reason)
         self._continue_or_end(now, failed=True)
 
-    def _skip_channel(self, step: StepState, now: datetime, reason: str, detail: str | None) -> None:
+    def _skip_channel(
+        self, step: StepState, now: datetime, reason: str, detail: str | None
+    ) -> None:
         """Skip a step the channel cannot carry out, such as an email to an unsubscribed address,
         and the channel's remaining steps with it. It is not a failure of the lead."""
         self._set_status(step, StepStatus.SKIPPED, now, reason, detail)
         for other in self.steps:
             if other.channel == step.channel and other.status == StepStatus.PENDING:
-                self._set_status(other, StepStatus.SKIPPED, now, reason, f"step {step.step} skipped")
+                self._set_status(
+                    other, StepStatus.SKIPPED, now, reason, f"step {step.step} skipped"
+                )
         self._continue_or_end(now, failed=True)
 
     def _continue_or_end(self, now: datetime, failed: bool, keep_due: bool = False) -> None:

@@ -7,7 +7,6 @@ channel activity, a durable timer that any event cuts short, or a wait for a per
 
 from __future__ import annotations
 
-import asyncio
 from datetime import timedelta
 
 from temporalio import workflow
@@ -67,7 +66,9 @@ CHANNEL_RETRY = RetryPolicy(
     non_retryable_error_types=[ACCOUNT_INTERRUPTED_ERROR_TYPE],
 )
 RECORD_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30), maximum_attempts=20
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=20,
 )
 # An interrupted sender account pauses the enrollment; the step is tried again after this long.
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
@@ -169,7 +170,9 @@ class LeadSequenceWorkflow:
         step = campaign.steps[number - 1]
         machine = self._machine
         earlier = [
-            s.step for s in machine.steps if s.channel == Channel.EMAIL and s.status == StepStatus.SENT
+            s.step
+            for s in machine.steps
+            if s.channel == Channel.EMAIL and s.status == StepStatus.SENT
         ]
         step_input = StepInput(
             campaign_id=campaign.id,
@@ -202,7 +205,9 @@ class LeadSequenceWorkflow:
                 reason=Reason.RETRIES_EXHAUSTED,
                 detail=str(cause.message if isinstance(cause, ApplicationError) else cause),
             )
-        machine.record_outcome(number, outcome.status, workflow.now(), outcome.reason, outcome.detail)
+        machine.record_outcome(
+            number, outcome.status, workflow.now(), outcome.reason, outcome.detail
+        )
 
     async def _sleep_until(self, action: Sleep) -> None:
         step = self._input.campaign.steps[action.step - 1]
@@ -213,7 +218,7 @@ class LeadSequenceWorkflow:
             await workflow.wait_condition(
                 lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
     async def _await_resume(self) -> None:
@@ -230,7 +235,7 @@ class LeadSequenceWorkflow:
                 timeout=delay,
                 timeout_summary=f"retry the sender account in {format_duration(delay)}",
             )
-        except asyncio.TimeoutError:
+        except TimeoutError:
             self._resume_at = None
             self._machine.release(workflow.now())
 
