@@ -103,8 +103,8 @@ def main() -> None:
     except Exception:
         logger.exception("Worker failed")
         code = 1
-    # Leave without interpreter teardown: the Temporal SDK's native runtime can abort it
-    # (sdk-python issue 300).
+    # Leave without interpreter teardown: the Temporal SDK's native runtime can abort it with
+    # "Fatal Python error: PyGILState_Release" (Temporal's Python SDK, issue 300 on GitHub).
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

@@ -28,9 +28,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-event_app = typer.Typer(
-    help="Report what the world said about a lead: a bounce, a failure, a reply."
-)
+event_app = typer.Typer(help="Report an event for a lead: a bounce, a failed step or a reply.")
 task_app = typer.Typer(help="Calls and manual tasks waiting for a person.")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
@@ -560,7 +558,9 @@ def _human_offset(seconds: int) -> str:
 
 @app.command()
 def demo(
-    timeout: Annotated[int, typer.Option(help="Give up after this many seconds.")] = 110,
+    timeout: Annotated[
+        int, typer.Option(help="Stop waiting for the leads after this many seconds.")
+    ] = 110,
 ) -> None:
     """Run the example campaigns on the local stack and print their stats and activity."""
     from sequencer.demo import run_demo
@@ -584,11 +584,16 @@ def main() -> None:
     try:
         app()
     except SystemExit as exit_:
-        code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+        if exit_.code is None:
+            code = 0
+        elif isinstance(exit_.code, int):
+            code = exit_.code
+        else:
+            code = 1
     except KeyboardInterrupt:
         code = 130
     # Leave without interpreter teardown once output is flushed: the Temporal SDK's native
-    # runtime can abort it (sdk-python issue 300).
+    # runtime can abort it ("Fatal Python error: PyGILState_Release").
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)

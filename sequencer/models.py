@@ -18,8 +18,8 @@ from sequencer.channels import StepStatus
 TASK_QUEUE = "sequencer"
 WORKFLOW_TYPE = "LeadSequenceWorkflow"
 
-# Search attributes registered on the Temporal server. They hold no personal data, because
-# Temporal never encrypts search attributes or workflow ids.
+# Search attributes registered on the Temporal server. They contain no personal data, because
+# Temporal does not encrypt search attributes or workflow ids, even with a payload codec.
 SEARCH_ATTRIBUTE_CAMPAIGN = "SequencerCampaign"
 SEARCH_ATTRIBUTE_STATUS = "SequencerStatus"
 SEARCH_ATTRIBUTE_STAGE = "SequencerStage"
@@ -27,7 +27,7 @@ SEARCH_ATTRIBUTES = (SEARCH_ATTRIBUTE_CAMPAIGN, SEARCH_ATTRIBUTE_STATUS, SEARCH_
 
 
 class Lead(BaseModel):
-    """One person to contact. `variables` holds the extra CSV columns for templates."""
+    """One person to contact. `variables` contains the extra CSV columns, for templates."""
 
     email: str | None = None
     first_name: str | None = None
@@ -86,7 +86,7 @@ class EnrollmentResult(BaseModel):
 
 
 class StepInput(BaseModel):
-    """What a channel activity needs to carry out one step for one lead."""
+    """The input of a channel activity: one step for one lead."""
 
     campaign_id: str
     workflow_id: str

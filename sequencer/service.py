@@ -53,7 +53,7 @@ START_CONCURRENCY = 16
 
 
 class ServiceError(Exception):
-    """An operation that cannot be carried out; the message says why and what to do."""
+    """An operation that cannot be carried out. The message gives the reason and the next step."""
 
 
 @dataclass

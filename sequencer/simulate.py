@@ -238,8 +238,8 @@ async def run_simulation(
     """
     leads = list(leads)
     if environment is None:
-        # The test server lacks capabilities the worker asks about; its warnings say nothing
-        # about the campaign.
+        # The test server lacks capabilities that the worker checks for. Its warnings are
+        # about the test server, not the campaign.
         CORE_LOGGER.setLevel(logging.ERROR)
         async with await WorkflowEnvironment.start_time_skipping(
             test_server_existing_path=str(find_binary("temporal-test-server")),
@@ -326,7 +326,7 @@ def _apply_after_end(
 
 async def _final_state(handle: WorkflowHandle) -> EnrollmentResult:
     # A lead left waiting for a person (its task event came before the task existed) never
-    # finishes, so the report shows it as it stands.
+    # finishes, so the report shows its current state.
     try:
         return await asyncio.wait_for(handle.result(), timeout=30)
     except TimeoutError:

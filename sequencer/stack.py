@@ -211,7 +211,7 @@ class LocalStack:
             except Exception:
                 if time.monotonic() > deadline:
                     raise StackError(
-                        "the Temporal dev server did not answer within "
+                        "the Temporal dev server did not respond within "
                         f"{SERVER_START_TIMEOUT:.0f}s; "
                         f"see {self.home / 'temporal.log'}"
                     ) from None

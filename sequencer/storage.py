@@ -423,6 +423,7 @@ class Store:
             result.steps[number] = ChannelCounts()
             result.step_types[number] = step.type
             result.channels.setdefault(step.channel.value, ChannelCounts())
+
         statuses: Counter[str] = Counter()
         latest: dict[tuple[str, int], str] = {}
         with self.engine.connect() as connection:
@@ -433,6 +434,8 @@ class Store:
             ):
                 statuses[row.status] += 1
                 result.unsubscribed += bool(row.unsubscribed)
+
+            # A step's status is the status of the last log entry about it.
             rows = connection.execute(
                 select(activity.c.workflow_id, activity.c.step, activity.c.status)
                 .join(enrollments, enrollments.c.workflow_id == activity.c.workflow_id)
@@ -441,6 +444,7 @@ class Store:
             )
             for row in rows:
                 latest[(row.workflow_id, row.step)] = row.status
+
         result.leads = {status.value: statuses.get(status.value, 0) for status in EnrollmentStatus}
         by_channel: defaultdict[str, ChannelCounts] = defaultdict(ChannelCounts)
         for (_, number), status in latest.items():

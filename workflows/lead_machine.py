@@ -81,7 +81,7 @@ class PlannedStep:
         return CHANNEL_OF[self.type]
 
 
-# What the workflow should do next.
+# Actions: the next thing the workflow does.
 @dataclass(frozen=True)
 class Execute:
     step: int
@@ -113,7 +113,7 @@ Action = Execute | Sleep | AwaitTask | AwaitResume | Finished
 
 @dataclass(frozen=True)
 class Ignored:
-    """An event that does not apply in the current state. It is recorded, never raised."""
+    """The result of an event that does not apply in the current state: returned, not raised."""
 
     message: str
 

@@ -1,7 +1,7 @@
 """LeadSequenceWorkflow: one durable workflow per enrollment, driving the lead machine.
 
-The workflow is glue. Signal handlers only queue what the world reports; the main loop applies
-queued events to the machine, asks it for the next action, and carries that action out: a
+The workflow is glue. Signal handlers only queue what the world reports. The main loop applies
+queued events to the machine, gets the next action from it, and carries that action out: a
 channel activity, a durable timer that any event cuts short, or a wait for a person.
 """
 
