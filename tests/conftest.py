@@ -39,9 +39,10 @@ _EXIT_STATUS = pytest.StashKey[int]()
 
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config: pytest.Config) -> None:
-    # The Temporal SDK's native runtime can abort interpreter teardown with "Fatal Python error:
-    # PyGILState_Release" (Temporal's Python SDK, issue 300 on GitHub), failing a run whose tests all passed. Once
-    # pytest has printed its summary, leave without teardown and keep pytest's exit status.
+    # The Temporal SDK's native runtime can abort interpreter teardown with "Fatal Python
+    # error: PyGILState_Release" (Temporal's Python SDK, issue 300 on GitHub), failing a run
+    # whose tests all passed. Once pytest has printed its summary, leave without teardown and
+    # keep pytest's exit status.
     status = config.stash.get(_EXIT_STATUS, None)
     if status is not None and os.environ.get("SEQUENCER_TEST_TEARDOWN") != "1":
         sys.stdout.flush()
