@@ -23,4 +23,4 @@ test: $(STAMP)
 	exit $$status
 
 clean:
-	rm -rf $(VENV) .sequencer
+	rm -rf $(VENV)

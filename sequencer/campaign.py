@@ -27,7 +27,11 @@ from pydantic import (
 from sequencer.addresses import InvalidEmailError, normalize_email
 from sequencer.channels import CHANNEL_OF, Channel, StepType
 from sequencer.durations import format_duration, parse_duration
-from sequencer.templates import TemplateSyntaxError, parse_placeholders
+from sequencer.templates import (
+    TemplateSyntaxError,
+    parse_placeholders,
+    render_without_variables,
+)
 
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:2525"
 
@@ -94,11 +98,30 @@ class LinkedInVisitStep(_StepBase):
     type: Literal["linkedin_visit"] = "linkedin_visit"
 
 
+# LinkedIn rejects an invitation note longer than this many characters.
+MAX_INVITE_NOTE_LENGTH = 300
+
+
 class LinkedInInviteStep(_StepBase):
     type: Literal["linkedin_invite"] = "linkedin_invite"
     note: str | None = None
 
     _templates = field_validator("note")(_check_template)
+
+    @field_validator("note")
+    @classmethod
+    def _check_note_length(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        # The note's own text, with each placeholder counted as empty: every lead's note is at
+        # least this long.
+        fixed = render_without_variables(value)
+        if len(fixed) > MAX_INVITE_NOTE_LENGTH:
+            raise ValueError(
+                f"the note has {len(fixed)} characters before any variable is filled; LinkedIn "
+                f"accepts at most {MAX_INVITE_NOTE_LENGTH}, so shorten it"
+            )
+        return value
 
     def templates(self) -> dict[str, str]:
         return {"note": self.note} if self.note else {}
@@ -212,6 +235,15 @@ class Campaign(_Model):
             )
         return value
 
+    @model_validator(mode="after")
+    def _check_sender(self) -> Campaign:
+        if self.sender is None and Channel.EMAIL in self.channels:
+            raise ValueError(
+                "sender: missing; a campaign with email steps needs a sender such as "
+                '{email: rep@example.com, smtp_url: "smtp://127.0.0.1:2525"}'
+            )
+        return self
+
     @property
     def channels(self) -> set[Channel]:
         return {step.channel for step in self.steps}
@@ -252,6 +284,10 @@ def _describe(error: dict[str, Any], data: Any) -> str:
         message = "missing"
     elif error["type"] == "extra_forbidden":
         message = "unknown field; check its spelling against the campaign format in the README"
+    elif error["type"] == "too_short" and field == "steps":
+        message = "a campaign needs at least one step"
+    elif error["type"] == "list_type":
+        message = "expected a list of steps, each starting with `- type: ...`"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
     where = ": ".join(part for part in (prefix, field) if part)

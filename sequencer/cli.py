@@ -18,6 +18,7 @@ from rich.table import Table
 
 from sequencer.campaign import CampaignError, load_campaign
 from sequencer.config import load_settings
+from sequencer.durations import format_duration
 from sequencer.leads import LeadFileError, read_leads
 from sequencer.service import ActivityReport, LaunchReport, Sequencer, ServiceError
 from sequencer.storage import CampaignStats
@@ -144,7 +145,8 @@ def validate(campaign: Annotated[Path, typer.Argument(help="Campaign YAML file."
     for column in ("step", "type", "channel", "wait after"):
         table.add_column(column)
     for number, step in enumerate(loaded.steps, start=1):
-        table.add_row(str(number), step.type, step.channel.value, str(step.wait_after))
+        wait = "" if number == len(loaded.steps) else format_duration(step.wait_after)
+        table.add_row(str(number), step.type, step.channel.value, wait)
     console.print(table)
 
 
@@ -188,12 +190,17 @@ def _launch_dict(report: LaunchReport) -> dict[str, Any]:
     }
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" + ("" if number == 1 else "s")
+
+
 def _print_import(report: LaunchReport) -> None:
     imported = report.import_report
     console.print(
         f"[bold]{report.campaign.name}[/bold] ({report.campaign.id}): "
         f"{len(report.enrolled)} enrolled, {len(report.already_enrolled)} already enrolled, "
-        f"{len(imported.duplicates)} duplicate rows, {len(imported.rejected)} rejected rows",
+        f"{_count(len(imported.duplicates), 'duplicate row')}, "
+        f"{_count(len(imported.rejected), 'rejected row')}",
         highlight=False,
     )
     if report.already_enrolled:
@@ -515,6 +522,8 @@ def simulate(
         _fail(str(error))
     with console.status("Simulating...") if not as_json else _nothing():
         result = asyncio.run(run_simulation(loaded, lead_list, scripts))
+    for warning in result.pop("warnings"):
+        errors.print(f"[yellow]warning:[/yellow] ignored {warning}", highlight=False)
     if as_json:
         print(json.dumps(result, indent=2))
         return
@@ -577,6 +586,9 @@ def _configure_logging(level: int = logging.INFO) -> None:
         level=os.environ.get("SEQUENCER_LOG_LEVEL", level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # transitions logs every state change at INFO without any id, which says nothing that
+    # the activity log does not say better.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
 
 
 def main() -> None:

@@ -34,7 +34,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     """Read settings from the environment; `sequencer up` writes its addresses to stack.json,
     which fills whatever the environment leaves unset."""
     env = os.environ if environ is None else environ
-    home = Path(env.get("SEQUENCER_HOME", ".sequencer")).resolve()
+    home = Path(env.get("SEQUENCER_HOME") or default_home(env)).expanduser().resolve()
     stack = read_stack_file(home / "stack.json")
     return Settings(
         home=home,
@@ -48,6 +48,16 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         smtp_username=env.get("SEQUENCER_SMTP_USERNAME") or None,
         smtp_password=env.get("SEQUENCER_SMTP_PASSWORD") or None,
     )
+
+
+def default_home(env: dict[str, str] | os._Environ[str]) -> Path:
+    """Return the per-user data directory, the same whatever the current directory is.
+
+    Every command must use the worker's database, so the default must not depend on where a
+    command is run from.
+    """
+    data_home = env.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data_home) / "sequencer"
 
 
 def read_stack_file(path: Path) -> dict[str, str]:

@@ -16,8 +16,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+from sequencer.campaign import load_campaign
 from sequencer.channels import StepStatus
 from sequencer.config import Settings
+from sequencer.leads import read_leads
 from sequencer.service import LaunchReport, Sequencer
 from sequencer.stack import LocalStack, StackPorts, running_stack
 
@@ -58,9 +60,12 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
     reports: list[LaunchReport] = []
     for campaign_file, leads_file in DEMO_CAMPAIGNS:
         campaign_path = EXAMPLES / campaign_file
-        from sequencer.campaign import load_campaign
-
         campaign_id = f"{load_campaign(campaign_path).id}-{run_id}"
+        # An earlier demo unsubscribed the bouncing addresses. Re-subscribe them, as an
+        # operator would, so that this run shows the bounces again.
+        for lead in read_leads(EXAMPLES / leads_file).leads:
+            if lead.lead.email and service.store.unsuppress(lead.lead.email):
+                console.print(f"Re-subscribed {lead.lead.email} from an earlier demo run")
         report = await service.launch(campaign_path, EXAMPLES / leads_file, campaign_id=campaign_id)
         reports.append(report)
         imported = report.import_report
@@ -91,10 +96,11 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
             await _play_world(service, reports, late_bounced, sent_at, console)
             await asyncio.sleep(0.5)
 
-    for report in reports:
-        console.rule(f"{report.campaign.name}")
-        from sequencer.cli import print_activity, print_stats
+    from sequencer.cli import print_activity, print_stats
 
+    for report in reports:
+        console.print()
+        console.rule(f"{report.campaign.name}")
         print_stats(service.stats(report.campaign.id))
         for row in service.enrollments(report.campaign.id):
             print_activity(service.activity(report.campaign.id, row.lead_key))
@@ -151,7 +157,9 @@ async def _play_world(
                 console.print(
                     f"[magenta]mail system:[/magenta] {row.lead_key}: {message}", highlight=False
                 )
-    for task in service.tasks("open"):
+    demo_campaigns = {report.campaign.id for report in reports}
+    open_tasks = [t for t in service.tasks("open") if t.campaign_id in demo_campaigns]
+    for task in open_tasks:
         opened = task.created_at.timestamp()
         if datetime.now(UTC).timestamp() - opened >= TASK_DELAY:
             message = await service.close_task(task.id, "done", "called by the demo")

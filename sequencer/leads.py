@@ -735,14 +735,14 @@ def _campaign_warnings(lead: Lead, campaign: Campaign) -> list[str]:
             listed = ", ".join(str(n) for n in numbers)
             warnings.append(f"{problem}: {label} {listed} cannot run for this lead")
 
-    present = {name for name, value in lead.template_variables().items() if value.strip()}
+    present = {name.lower() for name, value in lead.template_variables().items() if value.strip()}
     missing: dict[str, list[str]] = {}
     for number, fields in campaign.variables_by_step().items():
         if number in unreachable_steps:
             continue
         for template_field, names in fields.items():
             for name in names:
-                if name not in present:
+                if name.lower() not in present:
                     missing.setdefault(name, []).append(f"step {number} {template_field}")
     for name, places in missing.items():
         fallback = EXAMPLE_FALLBACKS.get(name, "...")

@@ -83,6 +83,8 @@ class EnrollmentResult(BaseModel):
     steps: list[StepState]
     enrolled_at: datetime | None = None
     log: list[LogEntry] = Field(default_factory=list)
+    # Events that did not apply when they arrived, such as a bounce for a step not sent yet.
+    ignored: list[str] = Field(default_factory=list)
 
 
 class StepInput(BaseModel):

@@ -56,7 +56,7 @@ from sequencer.models import (
     workflow_id_for,
 )
 from sequencer.temporal import CORE_LOGGER, find_binary, register_search_attributes, workflow_runner
-from workflows.lead_machine import LeadSequence, plan_from_steps
+from workflows.lead_machine import Ignored, LeadSequence, plan_from_steps
 from workflows.lead_sequence import LeadSequenceWorkflow
 
 EventType = Literal["bounce", "fail", "reply", "task_done", "task_failed", "task_skipped"]
@@ -98,7 +98,12 @@ def load_outcomes(path: str | Path, campaign: Campaign, leads: list[Lead]) -> di
     except FileNotFoundError:
         raise OutcomesError(f"outcomes file {path} not found; check the path") from None
     except yaml.YAMLError as error:
-        raise OutcomesError(f"invalid YAML in outcomes file {path}: {error}") from None
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise OutcomesError(
+            f"invalid outcomes file {path}: {where}invalid YAML: {problem}"
+        ) from None
     if not isinstance(data, dict):
         raise OutcomesError(f"outcomes file {path}: expected a mapping of leads to outcomes")
     keys = {lead.key for lead in leads}
@@ -114,9 +119,7 @@ def load_outcomes(path: str | Path, campaign: Campaign, leads: list[Lead]) -> di
         try:
             script = LeadScript.model_validate(raw_script or {})
         except ValidationError as error:
-            for item in error.errors():
-                where = ".".join(str(part) for part in item["loc"])
-                problems.append(f"{raw_key}: {where}: {item['msg']}")
+            problems += [f"{raw_key}: {_describe_error(item)}" for item in error.errors()]
             continue
         problems += _check_script(str(raw_key), script, campaign)
         scripts[key] = script
@@ -125,6 +128,30 @@ def load_outcomes(path: str | Path, campaign: Campaign, leads: list[Lead]) -> di
             f"invalid outcomes file {path}:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     return scripts
+
+
+def _describe_error(error: dict[str, Any]) -> str:
+    """Turn a pydantic error into a sentence with 1-based step and event numbers."""
+    location = list(error["loc"])
+    parts = []
+    if location[:1] == ["steps"] and len(location) > 1:
+        parts.append(f"step {location[1]}")
+        location = location[2:]
+    elif location[:1] == ["events"] and len(location) > 1 and isinstance(location[1], int):
+        parts.append(f"event {location[1] + 1}")
+        location = location[2:]
+    parts += [str(part) for part in location]
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        message = "unknown field; use after, type, step and reason"
+    elif kind == "missing":
+        message = "missing"
+    elif kind == "literal_error":
+        expected = error["msg"].removeprefix("Input should be ")
+        message = f"invalid value {error['input']!r}: expected {expected}"
+    else:
+        message = error["msg"].removeprefix("Value error, ")
+    return ": ".join([*parts, message])
 
 
 def _lead_key(raw: str) -> str:
@@ -241,6 +268,8 @@ async def run_simulation(
         # The test server lacks capabilities that the worker checks for. Its warnings are
         # about the test server, not the campaign.
         CORE_LOGGER.setLevel(logging.ERROR)
+        # Ignored events come back in the report's warnings, in the user's terms.
+        logging.getLogger("temporalio.workflow").setLevel(logging.ERROR)
         async with await WorkflowEnvironment.start_time_skipping(
             test_server_existing_path=str(find_binary("temporal-test-server")),
             data_converter=pydantic_data_converter,
@@ -295,10 +324,16 @@ async def run_simulation(
             for at, argument in after_end.get(lead.key, []):
                 result = _apply_after_end(campaign, result, argument, at)
             results.append(result)
+    # `warnings` is not part of the JSON report: the CLI prints it to stderr.
     return {
         "campaign": campaign.name,
         "leads": [
             _lead_report(lead.key, result) for lead, result in zip(leads, results, strict=True)
+        ],
+        "warnings": [
+            f"{lead.key}: {message}"
+            for lead, result in zip(leads, results, strict=True)
+            for message in result.ignored
         ],
     }
 
@@ -315,12 +350,19 @@ def _apply_after_end(
         result.unsubscribed,
         result.enrolled_at,
     )
-    sequence.late_failure(event.step, event.reason, at, bounced=event.bounced, detail=event.detail)
+    outcome = sequence.late_failure(
+        event.step, event.reason, at, bounced=event.bounced, detail=event.detail
+    )
+    ignored = list(result.ignored)
+    if isinstance(outcome, Ignored):
+        kind = "bounce" if event.bounced else "failure"
+        ignored.append(f"{kind} of step {event.step} after the end: {outcome.message}")
     return EnrollmentResult(
         status=sequence.status.value,
         unsubscribed=sequence.unsubscribed,
         steps=sequence.steps,
         enrolled_at=result.enrolled_at,
+        ignored=ignored,
     )
 
 

@@ -247,11 +247,21 @@ class Store:
         """Return a campaign by id or by name, raising NotFoundError with the known ids."""
         with self.engine.connect() as connection:
             row = connection.execute(
-                select(campaigns.c.definition).where(
-                    (campaigns.c.id == reference)
-                    | (func.lower(campaigns.c.name) == reference.lower())
-                )
+                select(campaigns.c.definition).where(campaigns.c.id == reference)
             ).first()
+            if row is None:
+                named = connection.execute(
+                    select(campaigns.c.id, campaigns.c.definition)
+                    .where(func.lower(campaigns.c.name) == reference.strip().lower())
+                    .order_by(campaigns.c.created_at)
+                ).all()
+                if len(named) > 1:
+                    ids = ", ".join(r.id for r in named)
+                    raise NotFoundError(
+                        f"{len(named)} campaigns are named {reference!r} ({ids}); "
+                        "name the one you mean by its id"
+                    )
+                row = named[0] if named else None
             if row is None:
                 known = [r.id for r in connection.execute(select(campaigns.c.id))]
                 hint = (
@@ -298,7 +308,7 @@ class Store:
             pass
         with self.engine.connect() as connection:
             row = connection.execute(
-                select(enrollments).where(
+                _enrollment_query().where(
                     enrollments.c.campaign_id == campaign_id,
                     enrollments.c.lead_key.in_(keys) | enrollments.c.workflow_id.in_(keys),
                 )
@@ -306,14 +316,14 @@ class Store:
         if row is None:
             raise NotFoundError(
                 f"lead {lead_reference!r} is not enrolled in campaign {campaign_id!r}; "
-                "check the address, or list the leads with `sequencer stats`"
+                "check the address, or list the campaign's leads with `sequencer leads`"
             )
         return _enrollment(row)
 
     def list_enrollments(self, campaign_id: str) -> list[EnrollmentRow]:
         with self.engine.connect() as connection:
             rows = connection.execute(
-                select(enrollments)
+                _enrollment_query()
                 .where(enrollments.c.campaign_id == campaign_id)
                 .order_by(enrollments.c.enrolled_at, enrollments.c.lead_key)
             )
@@ -428,12 +438,10 @@ class Store:
         latest: dict[tuple[str, int], str] = {}
         with self.engine.connect() as connection:
             for row in connection.execute(
-                select(
-                    enrollments.c.workflow_id, enrollments.c.status, enrollments.c.unsubscribed
-                ).where(enrollments.c.campaign_id == campaign.id)
+                _enrollment_query().where(enrollments.c.campaign_id == campaign.id)
             ):
                 statuses[row.status] += 1
-                result.unsubscribed += bool(row.unsubscribed)
+                result.unsubscribed += bool(row.unsubscribed or row.suppressed)
 
             # A step's status is the status of the last log entry about it.
             rows = connection.execute(
@@ -474,6 +482,14 @@ class Store:
             .on_conflict_do_nothing()
         )
         return connection.execute(statement).rowcount == 1
+
+    def unsuppress(self, address: str) -> bool:
+        """Remove an address from the suppression list; return False when it was not there."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                suppressions.delete().where(suppressions.c.address == _key(address))
+            )
+        return result.rowcount == 1
 
     def list_suppressions(self) -> list[dict[str, Any]]:
         with self.engine.connect() as connection:
@@ -565,8 +581,17 @@ def _task(row) -> TaskRow:
     return TaskRow(**values)
 
 
+def _enrollment_query():
+    # Unsubscribed is a flag on the address, kept in the workspace-wide suppression list, so
+    # an address suppressed by another campaign shows as unsubscribed here too.
+    return select(enrollments, suppressions.c.address.label("suppressed")).select_from(
+        enrollments.outerjoin(suppressions, suppressions.c.address == enrollments.c.lead_key)
+    )
+
+
 def _enrollment(row) -> EnrollmentRow:
     values = dict(row._mapping)
+    values["unsubscribed"] = bool(values["unsubscribed"] or values.pop("suppressed"))
     values["lead"] = Lead.model_validate(values["lead"])
     values["enrolled_at"] = _aware(values["enrolled_at"])
     values["updated_at"] = _aware(values["updated_at"])

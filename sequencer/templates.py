@@ -77,11 +77,18 @@ def _check_no_stray_braces(template: str, start: int, end: int) -> None:
             )
 
 
+def _by_lower_name(variables: Mapping[str, str | None]) -> dict[str, str | None]:
+    # CSV headers become lower-case variable names, so `{{Department}}` must find the value of
+    # a "Department" column.
+    return {name.lower(): value for name, value in variables.items()}
+
+
 def missing_variables(template: str, variables: Mapping[str, str | None]) -> list[str]:
     """Return the names a lead lacks, for placeholders that have no fallback."""
+    variables = _by_lower_name(variables)
     missing = []
     for placeholder in parse_placeholders(template):
-        value = variables.get(placeholder.name)
+        value = variables.get(placeholder.name.lower())
         if (value is None or not str(value).strip()) and placeholder.fallback is None:
             if placeholder.name not in missing:
                 missing.append(placeholder.name)
@@ -94,10 +101,17 @@ def render(template: str, variables: Mapping[str, str | None]) -> str:
     if missing:
         raise MissingVariableError(missing)
 
+    lookup = _by_lower_name(variables)
+
     def substitute(match: re.Match[str]) -> str:
-        value = variables.get(match.group(1))
+        value = lookup.get(match.group(1).lower())
         if value is None or not str(value).strip():
             return (match.group(2) or "").strip()
         return str(value).strip()
 
     return _PLACEHOLDER.sub(substitute, template)
+
+
+def render_without_variables(template: str) -> str:
+    """Return the template's fixed text: each placeholder, with its fallback, becomes empty."""
+    return _PLACEHOLDER.sub("", template)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -15,6 +17,14 @@ from temporalio.testing import WorkflowEnvironment
 from sequencer.temporal import find_binary, register_search_attributes
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Keep every test's data, and that of the commands the tests run, out of the user's own data
+# directory. Tests that start a stack set their own SEQUENCER_HOME on top of this.
+if "SEQUENCER_HOME" not in os.environ:
+    _TEST_HOME = tempfile.mkdtemp(prefix="sequencer-tests-")
+    os.environ["SEQUENCER_HOME"] = _TEST_HOME
+else:
+    _TEST_HOME = None
 CORPUS = REPO.parent / "shared" / "corpus"
 
 
@@ -43,6 +53,8 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     # error: PyGILState_Release" (Temporal's Python SDK, issue 300 on GitHub), failing a run
     # whose tests all passed. Once pytest has printed its summary, leave without teardown and
     # keep pytest's exit status.
+    if _TEST_HOME:
+        shutil.rmtree(_TEST_HOME, ignore_errors=True)
     status = config.stash.get(_EXIT_STATUS, None)
     if status is not None and os.environ.get("SEQUENCER_TEST_TEARDOWN") != "1":
         sys.stdout.flush()

@@ -50,7 +50,9 @@ def _write(tmp_path: Path, text: str, name: str = "leads.csv") -> Path:
 
 
 def _campaign(*steps: dict[str, str]) -> Campaign:
-    return parse_campaign({"name": "Test campaign", "steps": list(steps)})
+    return parse_campaign(
+        {"name": "Test campaign", "sender": {"email": "rep@acme.test"}, "steps": list(steps)}
+    )
 
 
 # --- the Apollo-like corpus file ---------------------------------------------------------

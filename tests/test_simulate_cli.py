@@ -154,7 +154,10 @@ def test_scenario_d_from_files(tmp_path):
         ({"nobody@example.com": {}}, "nobody@example.com: not a lead"),
         ({"ann@example.com": {"steps": {9: "fail"}}}, "step 9 does not exist"),
         ({"ann@example.com": {"steps": {3: "bounce"}}}, "step 3 is not an email step"),
-        ({"ann@example.com": {"steps": {1: "explode"}}}, "ann@example.com: steps.1"),
+        (
+            {"ann@example.com": {"steps": {1: "explode"}}},
+            "ann@example.com: step 1: invalid value 'explode'",
+        ),
         (
             {"ann@example.com": {"events": [{"after": "1d", "type": "bounce"}]}},
             "needs a step number",

@@ -247,7 +247,6 @@ class LeadSequence:
         elif status == StepStatus.WAITING:
             self._set_status(step, StepStatus.WAITING, now, reason, detail)
             self.waiting_step = number
-            self._event(now, "waiting", step=number, detail=detail)
         elif status in (StepStatus.FAILED, StepStatus.BOUNCED):
             self._fail(step, status, now, reason or "failed", detail)
         elif status == StepStatus.SKIPPED:

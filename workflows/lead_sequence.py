@@ -83,6 +83,7 @@ class LeadSequenceWorkflow:
         self._inbox: list[LateFailure | Reply | TaskOutcome] = []
         self._search_attributes: tuple[str, str] | None = None
         self._resume_at = None
+        self._ignored: list[str] = []
 
     @workflow.run
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
@@ -116,6 +117,7 @@ class LeadSequenceWorkflow:
             unsubscribed=machine.unsubscribed,
             steps=[step.model_copy() for step in machine.steps],
             enrolled_at=machine.enrolled_at,
+            ignored=list(self._ignored),
         )
 
     # What the world reports. Handlers queue; the main loop applies, so transitions happen in
@@ -141,6 +143,7 @@ class LeadSequenceWorkflow:
             steps=[step.model_copy() for step in self._machine.steps],
             enrolled_at=self._machine.enrolled_at,
             log=list(self._machine.log),
+            ignored=list(self._ignored),
         )
 
     # Phases
@@ -158,6 +161,7 @@ class LeadSequenceWorkflow:
             else:
                 result = self._machine.task_outcome(event.step, event.outcome, now, event.reason)
             if isinstance(result, Ignored):
+                self._ignored.append(f"{_describe(event)}: {result.message}")
                 workflow.logger.warning(
                     "Ignored %s for %s: %s",
                     type(event).__name__,
@@ -297,6 +301,14 @@ class LeadSequenceWorkflow:
             + (", unsubscribed" if machine.unsubscribed else "")
             + f"\n\n| step | type | status | reason |\n|---|---|---|---|\n{rows}"
         )
+
+
+def _describe(event: LateFailure | Reply | TaskOutcome) -> str:
+    if isinstance(event, LateFailure):
+        return f"{'bounce' if event.bounced else 'failure'} of step {event.step}"
+    if isinstance(event, Reply):
+        return "auto-reply" if event.auto_reply else "reply"
+    return f"task {event.outcome} for step {event.step}"
 
 
 __all__ = ["LeadSequenceWorkflow", "EnrollmentStatus"]
