@@ -15,14 +15,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import Client, WorkflowHandle
+from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
     WorkflowIDConflictPolicy,
     WorkflowIDReusePolicy,
 )
-from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sequencer.campaign import Campaign, load_campaign
@@ -257,9 +257,21 @@ class Sequencer:
                 "applies only to a step that ran; check the step number with `sequencer activity`"
             )
         failure = LateFailure(step=step, reason=reason, bounced=bounced, detail=detail)
-        if await self._signal(enrollment.workflow_id, "report_failure", failure):
-            return f"{'bounce' if bounced else 'failure'} of step {step} sent to the running lead"
-        return self._failure_after_end(campaign, enrollment, failure)
+        client = await self.client()
+        handle = client.get_workflow_handle(enrollment.workflow_id)
+        try:
+            result = await handle.execute_update("apply_failure", failure, result_type=str)
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            if "already" in message:
+                return f"{enrollment.lead_key}: {message}; nothing changed"
+            raise ServiceError(f"{enrollment.lead_key}: {message}") from None
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            return self._failure_after_end(campaign, enrollment, failure)
+        return f"{enrollment.lead_key}: {result}"
 
     def _failure_after_end(
         self, campaign: Campaign, enrollment: EnrollmentRow, failure: LateFailure

@@ -591,7 +591,7 @@ def _enrollment_query():
 
 def _enrollment(row) -> EnrollmentRow:
     values = dict(row._mapping)
-    values["unsubscribed"] = bool(values["unsubscribed"] or values.pop("suppressed"))
+    values["unsubscribed"] = bool(values.pop("suppressed") or values["unsubscribed"])
     values["lead"] = Lead.model_validate(values["lead"])
     values["enrolled_at"] = _aware(values["enrolled_at"])
     values["updated_at"] = _aware(values["updated_at"])

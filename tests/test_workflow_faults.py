@@ -6,8 +6,9 @@ from __future__ import annotations
 import uuid
 from datetime import timedelta
 
+import pytest
 from temporalio import activity
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 from temporalio.worker import Worker
 
@@ -17,6 +18,7 @@ from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE, TRANSIENT_ERROR_TYP
 from sequencer.models import (
     EnrollmentInput,
     EnrollmentResult,
+    LateFailure,
     Lead,
     RecordInput,
     StepInput,
@@ -192,3 +194,67 @@ async def test_task_step_with_database(time_skipping_env, tmp_path):
     assert [s.status.value for s in store.step_states(workflow_id, campaign)] == ["sent", "sent"]
     assert store.list_enrollments(campaign.id)[0].status == "completed"
     store.close()
+
+
+async def test_failure_update_reports_result(time_skipping_env):
+    channels = FlakyChannels(None)
+    campaign = parse_campaign(
+        {
+            "name": "Update",
+            "sender": {"email": "rep@acme.test"},
+            "steps": [EMAIL, {"type": "linkedin_visit"}],
+        }
+    )
+    task_queue = f"faults-{uuid.uuid4()}"
+    async with Worker(
+        time_skipping_env.client,
+        task_queue=task_queue,
+        workflows=[LeadSequenceWorkflow],
+        activities=[
+            channels.send_email,
+            channels.linkedin_step,
+            channels.create_task,
+            channels.record_activity,
+        ],
+        workflow_runner=workflow_runner(),
+    ):
+        handle = await time_skipping_env.client.start_workflow(
+            LeadSequenceWorkflow.run,
+            EnrollmentInput(campaign=campaign, lead=LEAD),
+            id=f"faults-{uuid.uuid4()}",
+            task_queue=task_queue,
+        )
+        for _ in range(50):
+            state = await handle.query("activity", result_type=EnrollmentResult)
+            if state.steps[0].status.value == "sent":
+                break
+            await time_skipping_env.sleep(0.1)
+
+        with pytest.raises(WorkflowUpdateFailedError) as rejected:
+            await handle.execute_update(
+                "apply_failure", LateFailure(step=2, reason="bounce", bounced=True), result_type=str
+            )
+        assert "only email steps can bounce" in str(rejected.value.cause)
+
+        message = await handle.execute_update(
+            "apply_failure", LateFailure(step=1, reason="bounce", bounced=True), result_type=str
+        )
+        assert message == "step 1 marked bounced"
+
+        with pytest.raises(WorkflowUpdateFailedError) as duplicate:
+            await handle.execute_update(
+                "apply_failure", LateFailure(step=1, reason="bounce", bounced=True), result_type=str
+            )
+        assert "already bounced" in str(duplicate.value.cause)
+
+        result = await handle.result()
+    assert [s.status.value for s in result.steps] == ["bounced", "sent"]
+    assert result.unsubscribed is True
+    history = await handle.fetch_history()
+    updates = [
+        e
+        for e in history.events
+        if e.HasField("workflow_execution_update_accepted_event_attributes")
+    ]
+    # Rejected updates leave no trace in the history.
+    assert len(updates) == 1

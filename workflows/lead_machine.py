@@ -263,21 +263,11 @@ class LeadSequence:
         detail: str | None = None,
     ) -> EventResult:
         """Apply a failure reported after the step ran (rule 7)."""
-        try:
-            step = self.step(number)
-        except KeyError:
-            return Ignored(
-                f"step {number} does not exist: the campaign has {len(self.steps)} steps"
-            )
-        if bounced and step.channel != Channel.EMAIL:
-            return Ignored(f"step {number} is a {step.type} step: only email steps can bounce")
-        if step.status in (StepStatus.FAILED, StepStatus.BOUNCED):
-            return Ignored(
-                f"step {number} is already {step.status}: the failure was recorded before"
-            )
-        if step.status not in (StepStatus.SENT, StepStatus.WAITING):
-            return Ignored(f"step {number} is {step.status}, not sent: there is nothing to fail")
+        problem = self.check_late_failure(number, bounced)
+        if problem:
+            return Ignored(problem)
 
+        step = self.step(number)
         status = StepStatus.BOUNCED if bounced else StepStatus.FAILED
         if self.has_ended:
             self._set_status(step, status, now, reason, detail)
@@ -287,6 +277,19 @@ class LeadSequence:
             return Applied(f"step {number} marked {status}; the enrollment had already ended")
         self._fail(step, status, now, reason, detail)
         return Applied(f"step {number} marked {status}")
+
+    def check_late_failure(self, number: int, bounced: bool) -> str | None:
+        """Return why a late failure of this step does not apply, or None when it does."""
+        if not 1 <= number <= len(self.steps):
+            return f"step {number} does not exist: the campaign has {len(self.steps)} steps"
+        step = self.step(number)
+        if bounced and step.channel != Channel.EMAIL:
+            return f"step {number} is a {step.type} step: only email steps can bounce"
+        if step.status in (StepStatus.FAILED, StepStatus.BOUNCED):
+            return f"step {number} is already {step.status}: the failure was recorded before"
+        if step.status not in (StepStatus.SENT, StepStatus.WAITING):
+            return f"step {number} is {step.status}, not sent: there is nothing to fail"
+        return None
 
     def task_outcome(
         self, number: int, outcome: str, now: datetime, reason: str | None = None

@@ -80,7 +80,12 @@ class LeadSequenceWorkflow:
     def __init__(self, input: EnrollmentInput) -> None:
         self._input = input
         self._machine = LeadSequence(plan_from_steps(input.campaign.steps))
-        self._inbox: list[LateFailure | Reply | TaskOutcome] = []
+        # Events waiting for the main loop, each with a number so that an update can wait for
+        # the result of its own event.
+        self._inbox: list[tuple[int, LateFailure | Reply | TaskOutcome]] = []
+        self._received = 0
+        self._results: dict[int, str] = {}
+        self._awaited: set[int] = set()
         self._search_attributes: tuple[str, str] | None = None
         self._resume_at = None
         self._ignored: list[str] = []
@@ -108,10 +113,16 @@ class LeadSequenceWorkflow:
             await self._record()
 
         # Events that arrived while the last step ran are applied after the end: a late bounce
-        # is still recorded and still unsubscribes.
-        await workflow.wait_condition(workflow.all_handlers_finished)
-        self._apply_inbox()
-        await self._record()
+        # is still recorded and still unsubscribes. An update handler waits for the loop to
+        # apply its event, so drain the inbox until no handler is left running.
+        while True:
+            self._apply_inbox()
+            await self._record()
+            await workflow.wait_condition(
+                lambda: bool(self._inbox) or workflow.all_handlers_finished()
+            )
+            if not self._inbox:
+                break
         return EnrollmentResult(
             status=machine.status.value,
             unsubscribed=machine.unsubscribed,
@@ -125,15 +136,36 @@ class LeadSequenceWorkflow:
 
     @workflow.signal
     def report_failure(self, failure: LateFailure) -> None:
-        self._inbox.append(failure)
+        self._receive(failure)
 
     @workflow.signal
     def report_reply(self, reply: Reply) -> None:
-        self._inbox.append(reply)
+        self._receive(reply)
 
     @workflow.signal
     def report_task(self, outcome: TaskOutcome) -> None:
-        self._inbox.append(outcome)
+        self._receive(outcome)
+
+    @workflow.update
+    async def apply_failure(self, failure: LateFailure) -> str:
+        """Apply a late failure and return what it did, once the main loop has applied it."""
+        number = self._receive(failure)
+        self._awaited.add(number)
+        await workflow.wait_condition(lambda: number in self._results)
+        return self._results.pop(number)
+
+    @apply_failure.validator
+    def _validate_failure(self, failure: LateFailure) -> None:
+        # A rejected update leaves no trace in the history, so a duplicate or mistaken report
+        # costs nothing. The check runs again when the event is applied.
+        problem = self._machine.check_late_failure(failure.step, failure.bounced)
+        if problem:
+            raise ValueError(problem)
+
+    def _receive(self, event: LateFailure | Reply | TaskOutcome) -> int:
+        self._received += 1
+        self._inbox.append((self._received, event))
+        return self._received
 
     @workflow.query
     def activity(self) -> EnrollmentResult:
@@ -151,7 +183,7 @@ class LeadSequenceWorkflow:
     def _apply_inbox(self) -> None:
         now = workflow.now()
         while self._inbox:
-            event = self._inbox.pop(0)
+            number, event = self._inbox.pop(0)
             if isinstance(event, LateFailure):
                 result = self._machine.late_failure(
                     event.step, event.reason, now, bounced=event.bounced, detail=event.detail
@@ -160,6 +192,9 @@ class LeadSequenceWorkflow:
                 result = self._machine.replied(now, event.channel, event.auto_reply)
             else:
                 result = self._machine.task_outcome(event.step, event.outcome, now, event.reason)
+            if number in self._awaited:
+                self._awaited.discard(number)
+                self._results[number] = result.message
             if isinstance(result, Ignored):
                 self._ignored.append(f"{_describe(event)}: {result.message}")
                 workflow.logger.warning(
