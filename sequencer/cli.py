@@ -288,7 +288,8 @@ def activity(
     print_activity(report)
 
 
-def print_activity(report: ActivityReport) -> None:
+def print_activity(report: ActivityReport, compact: bool = False) -> None:
+    """Print a lead's steps, then its timeline. `compact` shows times as offsets only."""
     enrollment = report.enrollment
     started = enrollment.enrolled_at
     console.print(
@@ -298,40 +299,48 @@ def print_activity(report: ActivityReport) -> None:
         highlight=False,
     )
     if report.workflow_url:
-        console.print(f"  workflow: {report.workflow_url}", highlight=False)
-    table = Table()
-    for column in ("step", "type", "channel", "status", "at", "reason"):
-        table.add_column(column)
+        console.print(f"  workflow: {report.workflow_url}", highlight=False, soft_wrap=True)
+
+    when = "when" if compact else "when (UTC)"
+    steps = Table(title="Steps", title_justify="left")
+    for column in ("step", "type", "channel", "status", when, "reason"):
+        steps.add_column(column, no_wrap=column == when)
     for step in report.steps:
-        table.add_row(
+        steps.add_row(
             str(step.step),
             step.type,
             step.channel,
             _styled(step.status.value),
-            _offset(step.at, started),
+            _when(step.at, started, compact),
             step.reason or "",
         )
-    console.print(table)
-    timeline = Table(title="Timeline")
-    for column in ("at", "what", "step", "reason", "detail"):
+    console.print(steps)
+
+    timeline = Table(title="Timeline", title_justify="left")
+    timeline.add_column(when, no_wrap=True)
+    for column in ("what", "step", "reason", "detail"):
         timeline.add_column(column)
     for entry in report.log:
-        what = f"step {entry.status}" if entry.kind == "step" else entry.status
         timeline.add_row(
-            _offset(entry.at, started),
-            _styled(entry.status) if entry.kind == "step" else what,
+            _when(entry.at, started, compact),
+            _styled(entry.status) if entry.kind == "step" else entry.status,
             f"{entry.step} {entry.step_type}" if entry.step else "",
             entry.reason or "",
-            (entry.detail or "")[:60],
+            _shorten(entry.detail or "", 48),
         )
     console.print(timeline)
 
 
-def _offset(at: datetime | None, start: datetime) -> str:
+def _shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _when(at: datetime | None, start: datetime, compact: bool) -> str:
+    """Format a time as its offset from enrollment, after the UTC time unless compact."""
     if at is None:
         return ""
-    seconds = (at - start).total_seconds()
-    return f"{at:%Y-%m-%d %H:%M:%S} (+{seconds:.0f}s)"
+    offset = _human_offset(max(0, round((at - start).total_seconds())))
+    return offset if compact else f"{at:%m-%d %H:%M:%S} {offset}"
 
 
 @app.command()

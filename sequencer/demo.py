@@ -103,7 +103,7 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
         console.rule(f"{report.campaign.name}")
         print_stats(service.stats(report.campaign.id))
         for row in service.enrollments(report.campaign.id):
-            print_activity(service.activity(report.campaign.id, row.lead_key))
+            print_activity(service.activity(report.campaign.id, row.lead_key), compact=True)
 
 
 def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Table, bool]:
@@ -154,9 +154,7 @@ async def _play_world(
                     True,
                     "550 5.1.1 mailbox does not exist (reported late by the demo)",
                 )
-                console.print(
-                    f"[magenta]mail system:[/magenta] {row.lead_key}: {message}", highlight=False
-                )
+                console.print(f"[magenta]mail system:[/magenta] {message}", highlight=False)
     demo_campaigns = {report.campaign.id for report in reports}
     open_tasks = [t for t in service.tasks("open") if t.campaign_id in demo_campaigns]
     for task in open_tasks:
