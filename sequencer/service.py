@@ -338,10 +338,19 @@ class Sequencer:
             raise ServiceError(f"task {task_id} is already {task.status}; nothing changed")
         signal = TaskOutcome(step=task.step, outcome=outcome, reason=note)
         status = {"done": "done", "failed": "failed", "skipped": "skipped"}[outcome]
-        if not await self._signal(task.workflow_id, "report_task", signal):
-            self.store.close_task(task_id, "cancelled", "the enrollment had already ended")
+        # Close the task before telling the workflow. Once told, the workflow may end the
+        # enrollment and cancel the tasks still open, this one included.
+        if not self.store.close_task(task_id, status, note):
+            current = self.store.get_task(task_id).status
+            raise ServiceError(f"task {task_id} is already {current}; nothing changed")
+        try:
+            delivered = await self._signal(task.workflow_id, "report_task", signal)
+        except BaseException:
+            self.store.set_task_status(task_id, "open", None)
+            raise
+        if not delivered:
+            self.store.set_task_status(task_id, "cancelled", "the enrollment had already ended")
             raise ServiceError(f"task {task_id}: the lead's enrollment has already ended")
-        self.store.close_task(task_id, status, note)
         return f"task {task_id} {status}"
 
     # Helpers

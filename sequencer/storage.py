@@ -543,6 +543,16 @@ class Store:
             )
         return _task(row)
 
+    def set_task_status(self, task_id: int, status: str, note: str | None) -> None:
+        """Overwrite a task's status, for a task whose outcome could not be delivered."""
+        closed_at = None if status == OPEN else _now()
+        with self.engine.begin() as connection:
+            connection.execute(
+                update(tasks)
+                .where(tasks.c.id == task_id)
+                .values(status=status, note=note, closed_at=closed_at)
+            )
+
     def close_task(self, task_id: int, status: str, note: str | None = None) -> bool:
         """Close an open task; return False when it was no longer open."""
         with self.engine.begin() as connection:

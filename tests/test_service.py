@@ -1,0 +1,134 @@
+"""The service layer against the time-skipping server and a real SQLite file."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import yaml
+from temporalio.worker import Worker
+
+from activities.records import StoreActivities
+from sequencer.config import load_settings
+from sequencer.service import Sequencer, ServiceError
+from sequencer.simulate import SimulatedChannels
+from sequencer.temporal import workflow_runner
+from workflows.lead_sequence import LeadSequenceWorkflow
+
+EMAIL = {"type": "email", "subject": "Hi {{first_name}}", "body": "Hello"}
+
+
+@pytest.fixture
+async def sequencer(time_skipping_env, tmp_path, monkeypatch):
+    """A Sequencer on the shared test server, with its own database and task queue."""
+    monkeypatch.setattr("sequencer.service.TASK_QUEUE", f"service-{uuid.uuid4()}")
+    import sequencer.service as service_module
+
+    settings = replace(load_settings({"SEQUENCER_HOME": str(tmp_path / "home")}))
+    service = Sequencer(settings, client=time_skipping_env.client)
+    records = StoreActivities(service.store)
+    channels = SimulatedChannels({})
+    async with Worker(
+        time_skipping_env.client,
+        task_queue=service_module.TASK_QUEUE,
+        workflows=[LeadSequenceWorkflow],
+        activities=[
+            channels.send_email,
+            channels.linkedin_step,
+            records.create_task,
+            records.record_activity,
+        ],
+        workflow_runner=workflow_runner(),
+    ):
+        yield service
+    service.close()
+
+
+def write(tmp_path: Path, name: str, steps: list[dict]) -> tuple[Path, Path]:
+    campaign = tmp_path / f"{name}.yaml"
+    campaign.write_text(
+        yaml.safe_dump({"name": name, "sender": {"email": "rep@acme.test"}, "steps": steps})
+    )
+    leads = tmp_path / f"{name}.csv"
+    leads.write_text("email,first_name,phone\nann@example.com,Ann,+33612345678\n")
+    return campaign, leads
+
+
+async def wait_for(time_skipping_env, condition, what: str):
+    for _ in range(100):
+        if condition():
+            return
+        await time_skipping_env.sleep(0.1)
+    pytest.fail(f"timed out waiting until {what}")
+
+
+async def test_launch_twice_enrolls_once(sequencer, tmp_path):
+    campaign, leads = write(tmp_path, "twice", [EMAIL])
+    first = await sequencer.launch(campaign, leads)
+    second = await sequencer.launch(campaign, leads)
+    assert first.enrolled == ["ann@example.com"]
+    assert second.enrolled == []
+    assert second.already_enrolled == ["ann@example.com"]
+
+
+async def test_changed_campaign_rejected(sequencer, tmp_path):
+    campaign, leads = write(tmp_path, "changed", [EMAIL])
+    await sequencer.launch(campaign, leads)
+    write(tmp_path, "changed", [EMAIL, EMAIL])
+    with pytest.raises(ServiceError, match="already launched with different steps"):
+        await sequencer.launch(campaign, leads)
+
+
+async def test_task_done_ends_as_done(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "task", [{"type": "manual_task", "instructions": "Wave"}])
+    await sequencer.launch(campaign, leads)
+    await wait_for(time_skipping_env, lambda: sequencer.tasks("open", "task"), "the task opens")
+    task = sequencer.tasks("open", "task")[0]
+    assert await sequencer.close_task(task.id, "done") == f"task {task.id} done"
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("task")[0].status == "completed",
+        "the enrollment completes",
+    )
+    # Ending the enrollment cancels open tasks; this one was closed first, so it stays done.
+    assert sequencer.store.get_task(task.id).status == "done"
+    with pytest.raises(ServiceError, match="already done"):
+        await sequencer.close_task(task.id, "done")
+
+
+async def test_late_bounce_after_end(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "after-end", [EMAIL, EMAIL])
+    await sequencer.launch(campaign, leads)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("after-end")[0].status == "completed",
+        "the enrollment completes",
+    )
+    message = await sequencer.report_failure("after-end", "ann@example.com", 1, "bounce", True)
+    assert "stays so" in message
+    report = sequencer.activity("after-end", "ann@example.com")
+    assert [s.status.value for s in report.steps] == ["bounced", "sent"]
+    assert report.enrollment.status == "completed"
+    assert report.enrollment.unsubscribed is True
+    again = await sequencer.report_failure("after-end", "ann@example.com", 1, "bounce", True)
+    assert "already bounced" in again
+    assert (
+        sum(e.status == "bounced" for e in sequencer.activity("after-end", "ann@example.com").log)
+        == 1
+    )
+
+
+async def test_failure_of_unsent_step_rejected(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "unsent", [{**EMAIL, "wait_after": "3d"}, EMAIL])
+    await sequencer.launch(campaign, leads)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity("unsent", "ann@example.com").steps[0].status.value == "sent",
+        "step 1 is sent",
+    )
+    with pytest.raises(ServiceError, match="step 2 of ann@example.com is pending, not sent"):
+        await sequencer.report_failure("unsent", "ann@example.com", 2, "bounce", True)
+    message = await sequencer.report_failure("unsent", "ann@example.com", 1, "bounce", True)
+    assert message == "ann@example.com: step 1 marked bounced"
