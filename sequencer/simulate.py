@@ -368,11 +368,14 @@ def _apply_after_end(
 
 async def _final_state(handle: WorkflowHandle) -> EnrollmentResult:
     # A lead left waiting for a person (its task event came before the task existed) never
-    # finishes, so the report shows its current state.
+    # finishes, so the report shows its current state. The workflow is then terminated: left
+    # running, it would stop the test server's clock once the worker is gone.
     try:
         return await asyncio.wait_for(handle.result(), timeout=30)
     except TimeoutError:
-        return await handle.query("activity", result_type=EnrollmentResult)
+        state = await handle.query("activity", result_type=EnrollmentResult)
+        await handle.terminate("simulation finished")
+        return state
 
 
 def _lead_report(key: str, result: EnrollmentResult) -> dict[str, Any]:

@@ -388,12 +388,17 @@ class Store:
             return connection.execute(statement).rowcount == 1
 
     def log(self, workflow_id: str) -> list[LogEntry]:
-        """Return an enrollment's activity log in time order."""
+        """Return an enrollment's activity log in the order it was recorded.
+
+        Recording order is causal order: the workflow writes its entries in sequence, and an
+        event recorded after the workflow ended comes after them. Sorting by timestamp
+        instead would mix clocks (the worker's and a command's) that can disagree.
+        """
         with self.engine.connect() as connection:
             rows = connection.execute(
                 select(activity)
                 .where(activity.c.workflow_id == workflow_id)
-                .order_by(activity.c.at, activity.c.id)
+                .order_by(activity.c.id)
             )
             return [
                 LogEntry(
@@ -448,7 +453,7 @@ class Store:
                 select(activity.c.workflow_id, activity.c.step, activity.c.status)
                 .join(enrollments, enrollments.c.workflow_id == activity.c.workflow_id)
                 .where(enrollments.c.campaign_id == campaign.id, activity.c.kind == "step")
-                .order_by(activity.c.at, activity.c.id)
+                .order_by(activity.c.id)
             )
             for row in rows:
                 latest[(row.workflow_id, row.step)] = row.status

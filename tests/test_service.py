@@ -17,6 +17,7 @@ from sequencer.simulate import SimulatedChannels
 from sequencer.temporal import workflow_runner
 from workflows.lead_sequence import LeadSequenceWorkflow
 
+FINAL = {"completed", "stopped", "replied", "removed"}
 EMAIL = {"type": "email", "subject": "Hi {{first_name}}", "body": "Hello"}
 
 
@@ -43,6 +44,20 @@ async def sequencer(time_skipping_env, tmp_path, monkeypatch):
         workflow_runner=workflow_runner(),
     ):
         yield service
+        # Let every workflow end while this worker still runs. A workflow left running, or
+        # terminated during an activity, holds the shared test server's clock and makes
+        # every later test that skips time hang.
+        for _ in range(100):
+            rows = [
+                row
+                for campaign in service.store.list_campaigns()
+                for row in service.store.list_enrollments(campaign.id)
+            ]
+            if all(row.status in FINAL for row in rows):
+                break
+            await time_skipping_env.sleep(0.1)
+        else:
+            pytest.fail(f"workflows still running after the test: {rows}")
     service.close()
 
 

@@ -274,7 +274,10 @@ class LeadSequence:
             if bounced:
                 self._unsubscribe(now, number)
             self._event(now, "late_failure_after_end", step=number, reason=reason)
-            return Applied(f"step {number} marked {status}; the enrollment had already ended")
+            return Applied(
+                f"step {number} marked {status}; the enrollment had already ended as "
+                f"{self.status} and stays so"
+            )
         self._fail(step, status, now, reason, detail)
         return Applied(f"step {number} marked {status}")
 

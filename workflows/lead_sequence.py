@@ -70,6 +70,8 @@ RECORD_RETRY = RetryPolicy(
     maximum_interval=timedelta(seconds=30),
     maximum_attempts=20,
 )
+# Patch id for recording an event's log entries before the next step runs.
+RECORD_EVENTS_FIRST = "record-events-first"
 # An interrupted sender account pauses the enrollment; the step is tried again after this long.
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
 
@@ -86,6 +88,9 @@ class LeadSequenceWorkflow:
         self._received = 0
         self._results: dict[int, str] = {}
         self._awaited: set[int] = set()
+        # Answers for updates, held back until the event's log entries are written, so that a
+        # caller who reads the activity log next sees the change.
+        self._answers: dict[int, str] = {}
         self._search_attributes: tuple[str, str] | None = None
         self._resume_at = None
         self._ignored: list[str] = []
@@ -97,7 +102,10 @@ class LeadSequenceWorkflow:
         await self._record()
 
         while not machine.has_ended:
-            self._apply_inbox()
+            # Record what an event changed before acting on it, so that an update's caller sees
+            # the change in the database. Histories from before this change acted first.
+            if self._apply_inbox() and workflow.patched(RECORD_EVENTS_FIRST):
+                await self._record()
             action = machine.next_action(workflow.now())
             if isinstance(action, Finished):
                 break
@@ -180,7 +188,9 @@ class LeadSequenceWorkflow:
 
     # Phases
 
-    def _apply_inbox(self) -> None:
+    def _apply_inbox(self) -> bool:
+        """Apply queued events to the machine; return whether there were any."""
+        applied = bool(self._inbox)
         now = workflow.now()
         while self._inbox:
             number, event = self._inbox.pop(0)
@@ -194,7 +204,7 @@ class LeadSequenceWorkflow:
                 result = self._machine.task_outcome(event.step, event.outcome, now, event.reason)
             if number in self._awaited:
                 self._awaited.discard(number)
-                self._results[number] = result.message
+                self._answers[number] = result.message
             if isinstance(result, Ignored):
                 self._ignored.append(f"{_describe(event)}: {result.message}")
                 workflow.logger.warning(
@@ -203,6 +213,7 @@ class LeadSequenceWorkflow:
                     workflow.info().workflow_id,
                     result.message,
                 )
+        return applied
 
     async def _execute(self, number: int) -> None:
         campaign = self._input.campaign
@@ -312,6 +323,8 @@ class LeadSequenceWorkflow:
                     SearchAttributePair(STAGE_KEY, stage),
                 ]
             )
+        self._results.update(self._answers)
+        self._answers.clear()
 
     def _stage(self) -> str:
         machine = self._machine
