@@ -1,0 +1,112 @@
+"""`python worker.py` on its own, against a Temporal dev server given by TEMPORAL_ADDRESS."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from sequencer.config import load_settings
+from sequencer.linkedin_sandbox import LinkedInSandbox
+from sequencer.models import SEARCH_ATTRIBUTES
+from sequencer.service import Sequencer
+from sequencer.smtp_sink import SmtpSink, read_mailbox
+from sequencer.temporal import find_binary
+from workflows.lead_sequence import CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.stack
+
+
+@pytest.fixture
+async def dev_server():
+    environment = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(find_binary("temporal")),
+        data_converter=pydantic_data_converter,
+        search_attributes=[CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY],
+    )
+    yield environment
+    await environment.shutdown()
+
+
+async def test_worker_runs_campaign_alone(dev_server, tmp_path):
+    assert {key.name for key in (CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY)} == set(SEARCH_ATTRIBUTES)
+    sink = SmtpSink(tmp_path / "mailbox", port=0)
+    sink.start()
+    sandbox = LinkedInSandbox(port=0)
+    sandbox.start()
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "SEQUENCER_HOME": str(home),
+        "TEMPORAL_ADDRESS": dev_server.client.service_client.config.target_host,
+        "SEQUENCER_LINKEDIN_URL": sandbox.base_url,
+    }
+    env.pop("DATABASE_URL", None)
+    log = (tmp_path / "worker.log").open("w")
+    worker = subprocess.Popen(
+        [sys.executable, str(REPO / "worker.py")], env=env, stdout=log, stderr=subprocess.STDOUT
+    )
+    service = Sequencer(load_settings({"SEQUENCER_HOME": str(home)}), client=dev_server.client)
+    try:
+        campaign = tmp_path / "campaign.yaml"
+        campaign.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "Worker alone",
+                    "sender": {"email": "rep@acme.test", "smtp_url": sink.smtp_url},
+                    "steps": [
+                        {"type": "linkedin_visit", "wait_after": "1s"},
+                        {"type": "email", "subject": "Hi {{first_name}}", "body": "Hello"},
+                    ],
+                }
+            )
+        )
+        leads = tmp_path / "leads.csv"
+        leads.write_text(
+            "email,first_name,linkedin_url\n"
+            "ann@example.com,Ann,https://www.linkedin.com/in/ann-example\n"
+            "bounce-ben@example.com,Ben,https://www.linkedin.com/in/ben-deactivated\n"
+        )
+        report = await service.launch(campaign, leads)
+        assert sorted(report.enrolled) == ["ann@example.com", "bounce-ben@example.com"]
+
+        for _ in range(120):
+            rows = service.enrollments("worker-alone")
+            if all(row.status in ("completed", "stopped") for row in rows):
+                break
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            await asyncio.sleep(0.5)
+        statuses = {row.lead_key: row.status for row in service.enrollments("worker-alone")}
+        assert statuses == {"ann@example.com": "completed", "bounce-ben@example.com": "stopped"}
+        assert [m["Delivered-To"] for m in read_mailbox(tmp_path / "mailbox")] == [
+            "ann@example.com"
+        ]
+
+        # The search attributes are kept current, so operators can filter leads in the UI.
+        query = 'SequencerCampaign = "worker-alone" AND SequencerStage = "ended"'
+        for _ in range(40):
+            if (await dev_server.client.count_workflows(query)).count == 2:
+                break
+            await asyncio.sleep(0.5)
+        assert (await dev_server.client.count_workflows(query)).count == 2
+        stopped = 'SequencerCampaign = "worker-alone" AND SequencerStatus = "stopped"'
+        assert (await dev_server.client.count_workflows(stopped)).count == 1
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        code = worker.wait(60)
+        log.close()
+        service.close()
+        sandbox.stop()
+        sink.stop()
+    output = (tmp_path / "worker.log").read_text()
+    assert code == 0, output
+    assert "Worker stopped" in output
