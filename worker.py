@@ -12,7 +12,6 @@ import asyncio
 import logging
 import os
 import signal
-import sys
 from contextlib import AsyncExitStack
 from datetime import timedelta
 
@@ -25,7 +24,7 @@ from activities.records import StoreActivities
 from sequencer.config import Settings, load_settings
 from sequencer.models import TASK_QUEUE
 from sequencer.storage import Store
-from sequencer.temporal import connect, workflow_runner
+from sequencer.temporal import connect, exit_without_teardown, workflow_runner
 from workflows.lead_sequence import LeadSequenceWorkflow
 
 logger = logging.getLogger("sequencer.worker")
@@ -103,11 +102,7 @@ def main() -> None:
     except Exception:
         logger.exception("Worker failed")
         code = 1
-    # Leave without interpreter teardown: the Temporal SDK's native runtime can abort it with
-    # "Fatal Python error: PyGILState_Release" (Temporal's Python SDK, issue 300 on GitHub).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,11 @@ class StoreActivities:
         """Create the task of a call or manual step; the step then waits for its outcome."""
         step = input.step
         if step.type == StepType.CALL and not input.lead.phone:
-            return StepOutcome(status=StepStatus.FAILED, reason=Reason.NO_PHONE_NUMBER)
+            return StepOutcome(
+                status=StepStatus.FAILED,
+                reason=Reason.NO_PHONE_NUMBER,
+                detail="the lead has no phone number",
+            )
         try:
             instructions = render(step.instructions, input.lead.template_variables())
         except MissingVariableError as error:

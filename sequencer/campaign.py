@@ -34,6 +34,10 @@ from sequencer.templates import (
 )
 
 DEFAULT_SMTP_URL = "smtp://127.0.0.1:2525"
+MISSING_SENDER = (
+    "sender: missing; a campaign with email steps needs a sender such as "
+    '{email: rep@example.com, smtp_url: "smtp://127.0.0.1:2525"}'
+)
 
 
 class CampaignError(ValueError):
@@ -238,10 +242,7 @@ class Campaign(_Model):
     @model_validator(mode="after")
     def _check_sender(self) -> Campaign:
         if self.sender is None and Channel.EMAIL in self.channels:
-            raise ValueError(
-                "sender: missing; a campaign with email steps needs a sender such as "
-                '{email: rep@example.com, smtp_url: "smtp://127.0.0.1:2525"}'
-            )
+            raise ValueError(MISSING_SENDER)
         return self
 
     @property
@@ -302,6 +303,17 @@ def parse_campaign(data: Any, source: str = "<campaign>") -> Campaign:
         return Campaign.model_validate(data)
     except ValidationError as error:
         problems = [_describe(item, data) for item in error.errors()]
+        # The sender check runs only once every step is valid, so report it here as well.
+        steps = data.get("steps")
+        has_email = isinstance(steps, list) and any(
+            isinstance(step, dict) and step.get("type") == "email" for step in steps
+        )
+        if (
+            has_email
+            and not data.get("sender")
+            and not any(p.startswith("sender") for p in problems)
+        ):
+            problems.insert(0, MISSING_SENDER)
         raise CampaignError(source, problems) from None
 
 

@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import signal
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +21,7 @@ from sequencer.durations import format_duration
 from sequencer.leads import LeadFileError, read_leads
 from sequencer.service import ActivityReport, LaunchReport, Sequencer, ServiceError
 from sequencer.storage import CampaignStats
+from sequencer.temporal import exit_without_teardown
 
 app = typer.Typer(
     help="Multichannel outreach sequences on Temporal.",
@@ -55,7 +55,7 @@ STATUS_STYLE = {
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of tables.")]
 
 
-def _styled(status: str) -> str:
+def styled_status(status: str) -> str:
     style = STATUS_STYLE.get(status)
     return f"[{style}]{status}[/{style}]" if style else status
 
@@ -210,7 +210,7 @@ def _print_import(report: LaunchReport) -> None:
         )
     flagged = [lead for lead in imported.leads if lead.warnings]
     if flagged:
-        table = Table(title="Enrolled with warnings")
+        table = Table(title="Leads with warnings")
         table.add_column("row", justify="right")
         table.add_column("lead")
         table.add_column("warning")
@@ -262,7 +262,10 @@ def leads(
         table.add_column(column)
     for row in rows:
         table.add_row(
-            row.lead_key, _styled(row.status), "yes" if row.unsubscribed else "", row.workflow_id
+            row.lead_key,
+            styled_status(row.status),
+            "yes" if row.unsubscribed else "",
+            row.workflow_id,
         )
     console.print(table)
 
@@ -294,7 +297,7 @@ def print_activity(report: ActivityReport, compact: bool = False) -> None:
     started = enrollment.enrolled_at
     console.print(
         f"[bold]{enrollment.lead_key}[/bold] in {report.campaign.name}: "
-        + _styled(enrollment.status)
+        + styled_status(enrollment.status)
         + (" [red](unsubscribed)[/red]" if enrollment.unsubscribed else ""),
         highlight=False,
     )
@@ -310,7 +313,7 @@ def print_activity(report: ActivityReport, compact: bool = False) -> None:
             str(step.step),
             step.type,
             step.channel,
-            _styled(step.status.value),
+            styled_status(step.status.value),
             _when(step.at, started, compact),
             step.reason or "",
         )
@@ -323,10 +326,10 @@ def print_activity(report: ActivityReport, compact: bool = False) -> None:
     for entry in report.log:
         timeline.add_row(
             _when(entry.at, started, compact),
-            _styled(entry.status) if entry.kind == "step" else entry.status,
+            styled_status(entry.status) if entry.kind == "step" else entry.status,
             f"{entry.step} {entry.step_type}" if entry.step else "",
             entry.reason or "",
-            _shorten(entry.detail or "", 48),
+            _shorten(entry.detail or "", 120),
         )
     console.print(timeline)
 
@@ -362,7 +365,7 @@ def stats(
 
 def print_stats(result: CampaignStats) -> None:
     leads = ", ".join(
-        f"{_styled(status)} {count}" for status, count in result.leads.items() if count
+        f"{styled_status(status)} {count}" for status, count in result.leads.items() if count
     )
     console.print(
         f"[bold]{result.campaign_name}[/bold] ({result.campaign_id}): {leads or 'no leads'}; "
@@ -465,6 +468,9 @@ def task_list(
     if as_json:
         print(json.dumps([row.__dict__ for row in rows], indent=2, default=str))
         return
+    if not rows:
+        console.print("No open tasks." if not all_tasks else "No tasks.")
+        return
     table = Table(title="Tasks")
     for column in ("id", "campaign", "lead", "step", "type", "status", "instructions"):
         table.add_column(column)
@@ -475,7 +481,7 @@ def task_list(
             row.lead_key,
             str(row.step),
             row.step_type,
-            _styled(row.status),
+            styled_status(row.status),
             row.instructions,
         )
     console.print(table)
@@ -548,7 +554,11 @@ def simulate(
         for step in lead["steps"]:
             at = "" if step["at_seconds"] is None else _human_offset(step["at_seconds"])
             table.add_row(
-                str(step["step"]), step["type"], _styled(step["status"]), at, step["reason"] or ""
+                str(step["step"]),
+                step["type"],
+                styled_status(step["status"]),
+                at,
+                step["reason"] or "",
             )
         console.print(table)
 
@@ -613,11 +623,7 @@ def main() -> None:
             code = 1
     except KeyboardInterrupt:
         code = 130
-    # Leave without interpreter teardown once output is flushed: the Temporal SDK's native
-    # runtime can abort it ("Fatal Python error: PyGILState_Release").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    exit_without_teardown(code)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,13 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
 from sequencer.campaign import load_campaign
 from sequencer.channels import StepStatus
+from sequencer.cli import print_activity, print_stats, styled_status
 from sequencer.config import Settings
 from sequencer.leads import read_leads
 from sequencer.service import LaunchReport, Sequencer
@@ -96,8 +97,6 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
             await _play_world(service, reports, late_bounced, sent_at, console)
             await asyncio.sleep(0.5)
 
-    from sequencer.cli import print_activity, print_stats
-
     for report in reports:
         console.print()
         console.rule(f"{report.campaign.name}")
@@ -106,20 +105,28 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
             print_activity(service.activity(report.campaign.id, row.lead_key), compact=True)
 
 
-def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Table, bool]:
-    table = Table(title="Demo progress")
-    for column in ("campaign", "lead", "status", "steps"):
-        table.add_column(column)
+def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Group, bool]:
+    """Build one table per campaign: each lead's status and each step's status."""
+    tables = []
     all_ended = True
     for report in reports:
         campaign = report.campaign
+        table = Table(title=f"{campaign.name} ({campaign.id})", title_justify="left")
+        table.add_column("lead", no_wrap=True)
+        table.add_column("status", no_wrap=True)
+        for number, step in enumerate(campaign.steps, start=1):
+            table.add_column(f"{number} {step.type.removeprefix('linkedin_')}")
         for row in service.enrollments(campaign.id):
             steps = service.store.step_states(row.workflow_id, campaign)
-            marks = " ".join(f"{s.step}:{s.status.value}" for s in steps)
-            table.add_row(campaign.id, row.lead_key, row.status, marks)
+            table.add_row(
+                row.lead_key,
+                styled_status(row.status),
+                *(styled_status(s.status.value) for s in steps),
+            )
             if row.status in ("running", "paused"):
                 all_ended = False
-    return table, all_ended
+        tables.append(table)
+    return Group(*tables), all_ended
 
 
 async def _play_world(

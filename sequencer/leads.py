@@ -743,7 +743,8 @@ def _campaign_warnings(lead: Lead, campaign: Campaign) -> list[str]:
         for template_field, names in fields.items():
             for name in names:
                 if name.lower() not in present:
-                    missing.setdefault(name, []).append(f"step {number} {template_field}")
+                    places = missing.setdefault(name.lower(), [])
+                    places.append(f"step {number} {template_field}")
     for name, places in missing.items():
         fallback = EXAMPLE_FALLBACKS.get(name, "...")
         warnings.append(

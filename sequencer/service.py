@@ -249,7 +249,8 @@ class Sequencer:
         state = self.store.step_states(enrollment.workflow_id, campaign)[step - 1]
         if state.status in (StepStatus.FAILED, StepStatus.BOUNCED):
             return (
-                f"step {step} of {enrollment.lead_key} is already {state.status}; nothing changed"
+                f"step {step} of {enrollment.lead_key} is already {state.status} "
+                f"({state.reason}); nothing changed"
             )
         if state.status not in (StepStatus.SENT, StepStatus.WAITING):
             raise ServiceError(
@@ -312,7 +313,9 @@ class Sequencer:
         enrollment = self._enrollment(campaign, lead_ref)
         reply = Reply(channel=channel, auto_reply=auto_reply)
         if await self._signal(enrollment.workflow_id, "report_reply", reply):
-            return "reply sent to the running lead" if not auto_reply else "auto-reply recorded"
+            if auto_reply:
+                return f"{enrollment.lead_key}: auto-reply recorded; the sequence goes on"
+            return f"{enrollment.lead_key}: reply recorded; the sequence stops"
         self.store.record_external(
             enrollment.workflow_id,
             f"reply:{datetime.now(UTC).isoformat()}",
@@ -334,6 +337,8 @@ class Sequencer:
             task = self.store.get_task(task_id)
         except NotFoundError as error:
             raise ServiceError(str(error)) from None
+        if task.status == {"done": "done", "failed": "failed", "skipped": "skipped"}[outcome]:
+            return f"task {task_id} is already {task.status}; nothing changed"
         if task.status != "open":
             raise ServiceError(f"task {task_id} is already {task.status}; nothing changed")
         signal = TaskOutcome(step=task.step, outcome=outcome, reason=note)
@@ -342,6 +347,8 @@ class Sequencer:
         # enrollment and cancel the tasks still open, this one included.
         if not self.store.close_task(task_id, status, note):
             current = self.store.get_task(task_id).status
+            if current == status:
+                return f"task {task_id} is already {current}; nothing changed"
             raise ServiceError(f"task {task_id} is already {current}; nothing changed")
         try:
             delivered = await self._signal(task.workflow_id, "report_task", signal)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -104,3 +105,15 @@ def workflow_runner() -> SandboxedWorkflowRunner:
             "transitions", "six", "pydantic", "yaml", "email_validator", "idna", "sequencer"
         )
     )
+
+
+def exit_without_teardown(code: int) -> None:
+    """Flush output and end the process without interpreter teardown.
+
+    The Temporal SDK's native runtime can abort teardown with "Fatal Python error:
+    PyGILState_Release" (Temporal's Python SDK, issue 300 on GitHub), which would turn a clean
+    exit into a crash.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from temporalio.worker import Worker
 
 from activities.records import StoreActivities
 from sequencer.config import load_settings
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
-from sequencer.temporal import workflow_runner
-from workflows.lead_sequence import LeadSequenceWorkflow
+from tests.conftest import lead_worker
 
 FINAL = {"completed", "stopped", "replied", "removed"}
 EMAIL = {"type": "email", "subject": "Hi {{first_name}}", "body": "Hello"}
@@ -31,17 +29,15 @@ async def sequencer(time_skipping_env, tmp_path, monkeypatch):
     service = Sequencer(settings, client=time_skipping_env.client)
     records = StoreActivities(service.store)
     channels = SimulatedChannels({})
-    async with Worker(
+    async with lead_worker(
         time_skipping_env.client,
-        task_queue=service_module.TASK_QUEUE,
-        workflows=[LeadSequenceWorkflow],
-        activities=[
+        service_module.TASK_QUEUE,
+        [
             channels.send_email,
             channels.linkedin_step,
             records.create_task,
             records.record_activity,
         ],
-        workflow_runner=workflow_runner(),
     ):
         yield service
         # Let every workflow end while this worker still runs. A workflow left running, or
@@ -109,8 +105,13 @@ async def test_task_done_ends_as_done(sequencer, tmp_path, time_skipping_env):
     )
     # Ending the enrollment cancels open tasks; this one was closed first, so it stays done.
     assert sequencer.store.get_task(task.id).status == "done"
-    with pytest.raises(ServiceError, match="already done"):
+    # Repeating the same outcome is answered, not refused; a different outcome is refused.
+    assert (
         await sequencer.close_task(task.id, "done")
+        == f"task {task.id} is already done; nothing changed"
+    )
+    with pytest.raises(ServiceError, match="already done"):
+        await sequencer.close_task(task.id, "skipped")
 
 
 async def test_late_bounce_after_end(sequencer, tmp_path, time_skipping_env):

@@ -10,7 +10,6 @@ import pytest
 from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
-from temporalio.worker import Worker
 
 from activities.records import StoreActivities
 from sequencer.campaign import parse_campaign
@@ -27,7 +26,7 @@ from sequencer.models import (
     workflow_id_for,
 )
 from sequencer.storage import Store
-from sequencer.temporal import workflow_runner
+from tests.conftest import lead_worker
 from workflows.lead_sequence import LeadSequenceWorkflow
 
 LEAD = Lead(
@@ -83,18 +82,16 @@ class FlakyChannels:
 
 async def run(env, channels, campaign=CAMPAIGN, activities=None) -> EnrollmentResult:
     task_queue = f"faults-{uuid.uuid4()}"
-    async with Worker(
+    async with lead_worker(
         env.client,
-        task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        activities=activities
+        task_queue,
+        activities
         or [
             channels.send_email,
             channels.linkedin_step,
             channels.create_task,
             channels.record_activity,
         ],
-        workflow_runner=workflow_runner(),
     ):
         return await env.client.execute_workflow(
             LeadSequenceWorkflow.run,
@@ -159,17 +156,15 @@ async def test_task_step_with_database(time_skipping_env, tmp_path):
     workflow_id = workflow_id_for(campaign.id, LEAD.key)
     store.add_enrollment(workflow_id, campaign.id, LEAD)
     task_queue = f"faults-{uuid.uuid4()}"
-    async with Worker(
+    async with lead_worker(
         time_skipping_env.client,
-        task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        activities=[
+        task_queue,
+        [
             channels.send_email,
             channels.linkedin_step,
             records.create_task,
             records.record_activity,
         ],
-        workflow_runner=workflow_runner(),
     ):
         handle: WorkflowHandle = await time_skipping_env.client.start_workflow(
             LeadSequenceWorkflow.run,
@@ -206,17 +201,15 @@ async def test_failure_update_reports_result(time_skipping_env):
         }
     )
     task_queue = f"faults-{uuid.uuid4()}"
-    async with Worker(
+    async with lead_worker(
         time_skipping_env.client,
-        task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        activities=[
+        task_queue,
+        [
             channels.send_email,
             channels.linkedin_step,
             channels.create_task,
             channels.record_activity,
         ],
-        workflow_runner=workflow_runner(),
     ):
         handle = await time_skipping_env.client.start_workflow(
             LeadSequenceWorkflow.run,
