@@ -92,7 +92,10 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
             if all_ended:
                 break
             if time.monotonic() > deadline:
-                console.print(f"[red]The demo did not finish within {timeout:.0f}s.[/red]")
+                console.print(
+                    f"[red]The demo timed out after {timeout:.0f}s with leads still running; "
+                    "check the worker's log lines above, or rerun with --timeout.[/red]"
+                )
                 break
             await _play_world(service, reports, late_bounced, sent_at, console)
             await asyncio.sleep(0.5)

@@ -236,6 +236,32 @@ class Sequencer:
         """Report a bounce or a failed step after it ran; returns what happened, in a sentence."""
         campaign = self._campaign(campaign_ref)
         enrollment = self._enrollment(campaign, lead_ref)
+        repeated = self._check_failure(campaign, enrollment, step, bounced)
+        if repeated:
+            return repeated
+
+        failure = LateFailure(step=step, reason=reason, bounced=bounced, detail=detail)
+        client = await self.client()
+        handle = client.get_workflow_handle(enrollment.workflow_id)
+        try:
+            result = await handle.execute_update("apply_failure", failure, result_type=str)
+        except WorkflowUpdateFailedError as error:
+            cause = error.cause
+            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
+            if "already" in message:
+                return f"{enrollment.lead_key}: {message}; nothing changed"
+            raise ServiceError(f"{enrollment.lead_key}: {message}") from None
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # The workflow has ended: the failure is still recorded, by this process.
+            return self._failure_after_end(campaign, enrollment, failure)
+        return f"{enrollment.lead_key}: {result}"
+
+    def _check_failure(
+        self, campaign: Campaign, enrollment: EnrollmentRow, step: int, bounced: bool
+    ) -> str | None:
+        """Raise ServiceError when a late failure cannot apply; return a message for a repeat."""
         if not 1 <= step <= len(campaign.steps):
             raise ServiceError(
                 f"step {step} does not exist: campaign {campaign.id!r} has "
@@ -257,22 +283,7 @@ class Sequencer:
                 f"step {step} of {enrollment.lead_key} is {state.status}, not sent: a failure "
                 "applies only to a step that ran; check the step number with `sequencer activity`"
             )
-        failure = LateFailure(step=step, reason=reason, bounced=bounced, detail=detail)
-        client = await self.client()
-        handle = client.get_workflow_handle(enrollment.workflow_id)
-        try:
-            result = await handle.execute_update("apply_failure", failure, result_type=str)
-        except WorkflowUpdateFailedError as error:
-            cause = error.cause
-            message = cause.message if isinstance(cause, ApplicationError) else str(cause)
-            if "already" in message:
-                return f"{enrollment.lead_key}: {message}; nothing changed"
-            raise ServiceError(f"{enrollment.lead_key}: {message}") from None
-        except RPCError as error:
-            if error.status != RPCStatusCode.NOT_FOUND:
-                raise
-            return self._failure_after_end(campaign, enrollment, failure)
-        return f"{enrollment.lead_key}: {result}"
+        return None
 
     def _failure_after_end(
         self, campaign: Campaign, enrollment: EnrollmentRow, failure: LateFailure
@@ -343,8 +354,8 @@ class Sequencer:
             raise ServiceError(f"task {task_id} is already {task.status}; nothing changed")
         signal = TaskOutcome(step=task.step, outcome=outcome, reason=note)
         status = {"done": "done", "failed": "failed", "skipped": "skipped"}[outcome]
-        # Close the task before telling the workflow. Once told, the workflow may end the
-        # enrollment and cancel the tasks still open, this one included.
+        # Close the task before signalling the workflow. Once signalled, the workflow may end
+        # the enrollment and cancel the tasks still open, this one included.
         if not self.store.close_task(task_id, status, note):
             current = self.store.get_task(task_id).status
             if current == status:

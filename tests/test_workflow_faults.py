@@ -50,7 +50,7 @@ CAMPAIGN = parse_campaign(
 
 
 class FlakyChannels:
-    """Channel activities whose email fails the way a test asks; LinkedIn always works."""
+    """Channel activities whose email fails as configured; LinkedIn always works."""
 
     def __init__(self, email_error: str | None, failures: int = 10**6) -> None:
         self.email_error = email_error
