@@ -605,8 +605,8 @@ def _configure_logging(level: int = logging.INFO) -> None:
         level=os.environ.get("SEQUENCER_LOG_LEVEL", level),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    # transitions logs every state change at INFO without any id, which says nothing that
-    # the activity log does not say better.
+    # transitions logs every state change at INFO without any id. The activity log records
+    # the same changes with the lead and step.
     logging.getLogger("transitions").setLevel(logging.WARNING)
 
 

@@ -105,7 +105,7 @@ async def test_task_done_ends_as_done(sequencer, tmp_path, time_skipping_env):
     )
     # Ending the enrollment cancels open tasks; this one was closed first, so it stays done.
     assert sequencer.store.get_task(task.id).status == "done"
-    # Repeating the same outcome is answered, not refused; a different outcome is refused.
+    # Repeating the same outcome succeeds and changes nothing; a different outcome is rejected.
     assert (
         await sequencer.close_task(task.id, "done")
         == f"task {task.id} is already done; nothing changed"

@@ -1,8 +1,8 @@
 """The lifecycle of one enrollment: which step runs when, and what a failure does to the rest.
 
 This module decides everything and does nothing: it never imports `temporalio`, never reads
-the clock (every method takes `now`), and never sends, sleeps or logs. The workflow asks it
-for the next action, carries that action out, and feeds the result back.
+the clock (every method takes `now`), and never sends, sleeps or logs. The workflow gets the
+next action from it, carries that action out, and feeds the result back.
 
 The enrollment lifecycle is the `transitions` table below. Step statuses change through
 `_set_status`, which accepts only the moves in `STEP_MOVES`.

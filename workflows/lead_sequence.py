@@ -88,7 +88,7 @@ class LeadSequenceWorkflow:
         self._received = 0
         self._results: dict[int, str] = {}
         self._awaited: set[int] = set()
-        # Answers for updates, held back until the event's log entries are written, so that a
+        # Update results, held back until the event's log entries are written, so that a
         # caller who reads the activity log next sees the change.
         self._answers: dict[int, str] = {}
         self._search_attributes: tuple[str, str] | None = None
