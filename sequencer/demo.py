@@ -47,16 +47,17 @@ async def run_demo(settings: Settings, console: Console, timeout: float) -> None
         await stack.start()
         settings = stack.settings
         console.print(f"Temporal UI: {stack.ui_url}")
+    smtp_url = stack.smtp_url if stack else running.get("smtp_url")
     service = Sequencer(settings)
     try:
-        await _run(service, console, timeout)
+        await _run(service, console, timeout, smtp_url)
     finally:
         service.close()
         if stack:
             await stack.stop()
 
 
-async def _run(service: Sequencer, console: Console, timeout: float) -> None:
+async def _run(service: Sequencer, console: Console, timeout: float, smtp_url: str | None) -> None:
     run_id = datetime.now(UTC).strftime("%m%d%H%M%S")
     reports: list[LaunchReport] = []
     for campaign_file, leads_file in DEMO_CAMPAIGNS:
@@ -67,7 +68,9 @@ async def _run(service: Sequencer, console: Console, timeout: float) -> None:
         for lead in read_leads(EXAMPLES / leads_file).leads:
             if lead.lead.email and service.store.unsuppress(lead.lead.email):
                 console.print(f"Re-subscribed {lead.lead.email} from an earlier demo run")
-        report = await service.launch(campaign_path, EXAMPLES / leads_file, campaign_id=campaign_id)
+        report = await service.launch(
+            campaign_path, EXAMPLES / leads_file, campaign_id=campaign_id, smtp_url=smtp_url
+        )
         reports.append(report)
         imported = report.import_report
         console.print(

@@ -119,11 +119,18 @@ class Sequencer:
         leads_path: str | Path,
         progress: Callable[[int, int], None] | None = None,
         campaign_id: str | None = None,
+        smtp_url: str | None = None,
     ) -> LaunchReport:
-        """Import leads and enroll each valid one; leads already enrolled are left alone."""
+        """Import leads and enroll each valid one; leads already enrolled are left alone.
+
+        `campaign_id` and `smtp_url` override the file's, as the demo does for its local stack.
+        """
         campaign = load_campaign(campaign_path)
         if campaign_id:
             campaign = campaign.model_copy(update={"id": campaign_id})
+        if smtp_url and campaign.sender:
+            sender = campaign.sender.model_copy(update={"smtp_url": smtp_url})
+            campaign = campaign.model_copy(update={"sender": sender})
         report = read_leads(Path(leads_path), campaign)
         self._check_same_steps(campaign)
         client = await self.client()
