@@ -24,8 +24,7 @@ from activities.records import StoreActivities
 from sequencer.config import Settings, load_settings
 from sequencer.models import TASK_QUEUE
 from sequencer.storage import Store
-from sequencer.temporal import connect, exit_without_teardown, workflow_runner
-from workflows.lead_sequence import LeadSequenceWorkflow
+from sequencer.temporal import connect, exit_without_teardown, lead_worker
 
 logger = logging.getLogger("sequencer.worker")
 
@@ -48,17 +47,15 @@ def build_worker(
         smtp_username=settings.smtp_username,
         smtp_password=settings.smtp_password,
     )
-    return Worker(
+    return lead_worker(
         client,
-        task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        activities=[
+        task_queue,
+        [
             email.send_email,
             linkedin.linkedin_step,
             records.create_task,
             records.record_activity,
         ],
-        workflow_runner=workflow_runner(),
         # On shutdown, running activities get this long to finish before they are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=20),
     )

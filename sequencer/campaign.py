@@ -317,6 +317,14 @@ def parse_campaign(data: Any, source: str = "<campaign>") -> Campaign:
         raise CampaignError(source, problems) from None
 
 
+def describe_yaml_error(error: yaml.YAMLError) -> str:
+    """Describe a YAML syntax error in one line, with its line and column when known."""
+    mark = getattr(error, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    problem = getattr(error, "problem", None) or str(error)
+    return f"{where}invalid YAML: {problem}"
+
+
 def load_campaign(path: str | Path) -> Campaign:
     """Read and validate a campaign YAML file, raising CampaignError on any problem."""
     path = Path(path)
@@ -329,8 +337,5 @@ def load_campaign(path: str | Path) -> Campaign:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise CampaignError(str(path), [f"{where}invalid YAML: {problem}"]) from None
+        raise CampaignError(str(path), [describe_yaml_error(error)]) from None
     return parse_campaign(data, str(path))

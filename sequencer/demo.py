@@ -17,12 +17,14 @@ from rich.live import Live
 from rich.table import Table
 
 from sequencer.campaign import load_campaign
-from sequencer.channels import StepStatus
+from sequencer.channels import EnrollmentStatus, StepStatus
 from sequencer.cli import print_activity, print_stats, styled_status
 from sequencer.config import Settings
 from sequencer.leads import read_leads
+from sequencer.models import StepState
 from sequencer.service import LaunchReport, Sequencer
 from sequencer.stack import LocalStack, StackPorts, running_stack
+from sequencer.storage import EnrollmentRow
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 DEMO_CAMPAIGNS = (
@@ -90,7 +92,8 @@ async def _run(service: Sequencer, console: Console, timeout: float, smtp_url: s
     sent_at: dict[str, float] = {}
     with Live(console=console, refresh_per_second=4) as live:
         while True:
-            table, all_ended = _progress(service, reports)
+            snapshot = _snapshot(service, reports)
+            table, all_ended = _progress(reports, snapshot)
             live.update(table)
             if all_ended:
                 break
@@ -100,7 +103,7 @@ async def _run(service: Sequencer, console: Console, timeout: float, smtp_url: s
                     "check the worker's log lines above, or rerun with --timeout.[/red]"
                 )
                 break
-            await _play_world(service, reports, late_bounced, sent_at, console)
+            await _play_world(service, reports, snapshot, late_bounced, sent_at, console)
             await asyncio.sleep(0.5)
 
     for report in reports:
@@ -111,7 +114,21 @@ async def _run(service: Sequencer, console: Console, timeout: float, smtp_url: s
             print_activity(service.activity(report.campaign.id, row.lead_key), compact=True)
 
 
-def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Group, bool]:
+# Per campaign id, each enrollment with its steps, read once per refresh of the progress view.
+Snapshot = dict[str, list[tuple[EnrollmentRow, list[StepState]]]]
+
+
+def _snapshot(service: Sequencer, reports: list[LaunchReport]) -> Snapshot:
+    return {
+        report.campaign.id: [
+            (row, service.store.step_states(row.workflow_id, report.campaign))
+            for row in service.enrollments(report.campaign.id)
+        ]
+        for report in reports
+    }
+
+
+def _progress(reports: list[LaunchReport], snapshot: Snapshot) -> tuple[Group, bool]:
     """Build one table per campaign: each lead's status and each step's status."""
     tables = []
     all_ended = True
@@ -122,14 +139,13 @@ def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Group, b
         table.add_column("status", no_wrap=True)
         for number, step in enumerate(campaign.steps, start=1):
             table.add_column(f"{number} {step.type.removeprefix('linkedin_')}")
-        for row in service.enrollments(campaign.id):
-            steps = service.store.step_states(row.workflow_id, campaign)
+        for row, steps in snapshot[campaign.id]:
             table.add_row(
                 row.lead_key,
                 styled_status(row.status),
                 *(styled_status(s.status.value) for s in steps),
             )
-            if row.status in ("running", "paused"):
+            if not EnrollmentStatus(row.status).is_final:
                 all_ended = False
         tables.append(table)
     return Group(*tables), all_ended
@@ -138,6 +154,7 @@ def _progress(service: Sequencer, reports: list[LaunchReport]) -> tuple[Group, b
 async def _play_world(
     service: Sequencer,
     reports: list[LaunchReport],
+    snapshot: Snapshot,
     late_bounced: set[str],
     sent_at: dict[str, float],
     console: Console,
@@ -146,10 +163,9 @@ async def _play_world(
     now = time.monotonic()
     for report in reports:
         campaign = report.campaign
-        for row in service.enrollments(campaign.id):
+        for row, steps in snapshot[campaign.id]:
             if not row.lead_key.startswith("late-bounce") or row.workflow_id in late_bounced:
                 continue
-            steps = service.store.step_states(row.workflow_id, campaign)
             first_email = next(
                 (s for s in steps if s.channel == "email" and s.status == StepStatus.SENT), None
             )

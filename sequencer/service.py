@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 # Enrollment starts in flight at once: enough to import thousands of leads in minutes without
 # exceeding the server's per-namespace request limits.
 START_CONCURRENCY = 16
+TASK_OUTCOMES = ("done", "failed", "skipped")
 
 
 class ServiceError(Exception):
@@ -355,14 +356,13 @@ class Sequencer:
             task = self.store.get_task(task_id)
         except NotFoundError as error:
             raise ServiceError(str(error)) from None
-        if task.status == {"done": "done", "failed": "failed", "skipped": "skipped"}[outcome]:
-            return f"task {task_id} is already {task.status}; nothing changed"
-        if task.status != "open":
-            raise ServiceError(f"task {task_id} is already {task.status}; nothing changed")
+        if outcome not in TASK_OUTCOMES:
+            raise ServiceError(f"invalid task outcome {outcome!r}: use done, failed or skipped")
+        # The task's status is named like the outcome. Close the task before signalling the
+        # workflow: once signalled, the workflow may end the enrollment and cancel the tasks
+        # still open, this one included. Closing is atomic, so a repeat finds it closed.
+        status = outcome
         signal = TaskOutcome(step=task.step, outcome=outcome, reason=note)
-        status = {"done": "done", "failed": "failed", "skipped": "skipped"}[outcome]
-        # Close the task before signalling the workflow. Once signalled, the workflow may end
-        # the enrollment and cancel the tasks still open, this one included.
         if not self.store.close_task(task_id, status, note):
             current = self.store.get_task(task_id).status
             if current == status:

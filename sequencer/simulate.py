@@ -29,10 +29,9 @@ from temporalio.client import WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
 from sequencer.addresses import InvalidEmailError, normalize_email
-from sequencer.campaign import Campaign
+from sequencer.campaign import Campaign, describe_yaml_error
 from sequencer.channels import (
     TASK_STEP_TYPES,
     Channel,
@@ -55,7 +54,7 @@ from sequencer.models import (
     TaskOutcome,
     workflow_id_for,
 )
-from sequencer.temporal import CORE_LOGGER, find_binary, register_search_attributes, workflow_runner
+from sequencer.temporal import CORE_LOGGER, find_binary, lead_worker, register_search_attributes
 from workflows.lead_machine import Ignored, LeadSequence, plan_from_steps
 from workflows.lead_sequence import LeadSequenceWorkflow
 
@@ -98,12 +97,7 @@ def load_outcomes(path: str | Path, campaign: Campaign, leads: list[Lead]) -> di
     except FileNotFoundError:
         raise OutcomesError(f"outcomes file {path} not found; check the path") from None
     except yaml.YAMLError as error:
-        mark = getattr(error, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(error, "problem", None) or str(error)
-        raise OutcomesError(
-            f"invalid outcomes file {path}: {where}invalid YAML: {problem}"
-        ) from None
+        raise OutcomesError(f"invalid outcomes file {path}: {describe_yaml_error(error)}") from None
     if not isinstance(data, dict):
         raise OutcomesError(f"outcomes file {path}: expected a mapping of leads to outcomes")
     keys = {lead.key for lead in leads}
@@ -280,13 +274,7 @@ async def run_simulation(
     await register_search_attributes(client)
     task_queue = f"simulate-{uuid.uuid4()}"
     channels = SimulatedChannels(scripts)
-    async with Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        workflow_runner=workflow_runner(),
-        activities=channels.activities(),
-    ):
+    async with lead_worker(client, task_queue, channels.activities()):
         handles: dict[str, WorkflowHandle] = {}
         for lead in leads:
             handles[lead.key] = await client.start_workflow(

@@ -6,7 +6,9 @@ import logging
 import os
 import shutil
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
@@ -20,9 +22,11 @@ from temporalio.runtime import (
     TelemetryFilter,
 )
 from temporalio.service import RPCError, RPCStatusCode
+from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from sequencer.models import SEARCH_ATTRIBUTES
+from workflows.lead_sequence import LeadSequenceWorkflow
 
 CORE_LOGGER = logging.getLogger("temporalio.core")
 
@@ -104,6 +108,24 @@ def workflow_runner() -> SandboxedWorkflowRunner:
         restrictions=SandboxRestrictions.default.with_passthrough_modules(
             "transitions", "six", "pydantic", "yaml", "email_validator", "idna", "sequencer"
         )
+    )
+
+
+def lead_worker(
+    client: Client, task_queue: str, activities: Sequence[Callable[..., Any]], **options: Any
+) -> Worker:
+    """Build a worker for the lead workflow with the given channel and record activities.
+
+    The worker process, `simulate` and the tests all build their workers here, so each runs
+    the workflow in the same sandbox. `options` go to `Worker` as they are.
+    """
+    return Worker(
+        client,
+        task_queue=task_queue,
+        workflows=[LeadSequenceWorkflow],
+        activities=activities,
+        workflow_runner=workflow_runner(),
+        **options,
     )
 
 

@@ -11,13 +11,10 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
-from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
-from temporalio.worker import Worker
 
-from sequencer.temporal import find_binary, register_search_attributes, workflow_runner
-from workflows.lead_sequence import LeadSequenceWorkflow
+from sequencer.temporal import find_binary, register_search_attributes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,17 +38,6 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
     await register_search_attributes(environment.client)
     yield environment
     await environment.shutdown()
-
-
-def lead_worker(client: Client, task_queue: str, activities: list) -> Worker:
-    """Build a worker for the lead workflow with the given activity implementations."""
-    return Worker(
-        client,
-        task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        activities=activities,
-        workflow_runner=workflow_runner(),
-    )
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -13,7 +13,7 @@ from activities.records import StoreActivities
 from sequencer.config import load_settings
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
-from tests.conftest import lead_worker
+from sequencer.temporal import lead_worker
 
 FINAL = {"completed", "stopped", "replied", "removed"}
 EMAIL = {"type": "email", "subject": "Hi {{first_name}}", "body": "Hello"}

@@ -26,7 +26,7 @@ from sequencer.models import (
     workflow_id_for,
 )
 from sequencer.storage import Store
-from tests.conftest import lead_worker
+from sequencer.temporal import lead_worker
 from workflows.lead_sequence import LeadSequenceWorkflow
 
 LEAD = Lead(
