@@ -105,6 +105,7 @@ def test_stats_match_step_states(store):
         ],
         address="ben@example.com",
     )
+
     stats = store.stats(CAMPAIGN.id)
     assert stats.leads["completed"] == 2
     assert stats.unsubscribed == 1
@@ -121,6 +122,7 @@ def test_stats_match_step_states(store):
     assert stats.channels["email"].skipped == 1
     assert stats.channels["linkedin"].sent == 2
     assert stats.channels["linkedin"].failure_rate == 0.0
+
     states = [s.status.value for s in store.step_states(ben, CAMPAIGN)]
     assert states == ["bounced", "sent", "skipped"]
     assert store.is_suppressed("BEN@example.com ")

@@ -155,6 +155,7 @@ async def test_task_step_with_database(time_skipping_env, tmp_path):
     store.save_campaign(campaign)
     workflow_id = workflow_id_for(campaign.id, LEAD.key)
     store.add_enrollment(workflow_id, campaign.id, LEAD)
+
     task_queue = f"faults-{uuid.uuid4()}"
     async with lead_worker(
         time_skipping_env.client,
@@ -172,6 +173,7 @@ async def test_task_step_with_database(time_skipping_env, tmp_path):
             id=workflow_id,
             task_queue=task_queue,
         )
+
         tasks = []
         for _ in range(50):
             tasks = store.list_tasks("open", campaign.id)
@@ -179,9 +181,11 @@ async def test_task_step_with_database(time_skipping_env, tmp_path):
                 break
             await time_skipping_env.sleep(1)
         assert [t.instructions for t in tasks] == ["Call Ann"]
+
         await time_skipping_env.sleep(timedelta(hours=3))
         await handle.signal("report_task", TaskOutcome(step=1, outcome="done"))
         result = await handle.result()
+
     assert [s.status.value for s in result.steps] == ["sent", "sent"]
     # The email waited the call's 2d counted from the call's completion, 3 hours after it opened.
     waited = result.steps[1].at - result.steps[0].at

@@ -8,13 +8,13 @@ The enrollment lifecycle is the `transitions` table below. Step statuses change 
 `_set_status`, which accepts only the moves in `STEP_MOVES`.
 
 Rules implemented (the numbers of the sequencing rules):
-- 1, 2: step 1 is due at enrollment; the next step is due `wait_after` of the last *executed*
+- 1, 2: step 1 is due at enrollment. The next step is due `wait_after` of the last *executed*
   step later. Failed and skipped steps contribute no wait.
 - 4 to 7: a failed or bounced step skips every remaining step of its channel and makes the next
-  remaining step due at once; a bounce also unsubscribes; with nothing left the enrollment is
+  remaining step due at once. A bounce also unsubscribes. With nothing left, the enrollment is
   `stopped`. A failure reported late is applied when it arrives, or only recorded once the
   enrollment has ended.
-- 10: calls and manual tasks wait for a person's outcome; the next wait counts from it.
+- 10: calls and manual tasks wait for a person's outcome, and the next wait counts from it.
 - 11: a reply (not an auto-reply) skips everything left and ends the enrollment as `replied`.
 """
 

@@ -89,7 +89,7 @@ class LeadSequenceWorkflow:
         self._results: dict[int, str] = {}
         self._awaited: set[int] = set()
         # Update results, held back until the event's log entries are written, so that a
-        # caller who reads the activity log next sees the change.
+        # caller who reads the activity log next finds the change.
         self._answers: dict[int, str] = {}
         self._search_attributes: tuple[str, str] | None = None
         self._resume_at = None
