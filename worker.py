@@ -18,6 +18,7 @@ from datetime import timedelta
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.accounts import AccountActivities
 from activities.email import EmailActivities
 from activities.linkedin import LinkedInActivities
 from activities.records import StoreActivities
@@ -34,6 +35,7 @@ def build_worker(
     settings: Settings,
     store: Store,
     linkedin: LinkedInActivities,
+    accounts: AccountActivities,
     task_queue: str = TASK_QUEUE,
 ) -> Worker:
     """Build a worker with every workflow and activity; the caller owns the clients."""
@@ -55,9 +57,20 @@ def build_worker(
             linkedin.linkedin_step,
             records.create_task,
             records.record_activity,
+            accounts.check_account,
         ],
+        account_check_interval=settings.account_check_interval,
         # On shutdown, running activities get this long to finish before they are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=20),
+    )
+
+
+def account_activities(settings: Settings) -> AccountActivities:
+    return AccountActivities(
+        smtp_username=settings.smtp_username,
+        smtp_password=settings.smtp_password,
+        linkedin_url=settings.linkedin_url,
+        linkedin_api_key=settings.linkedin_api_key,
     )
 
 
@@ -71,7 +84,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             base_url=settings.linkedin_url, api_key=settings.linkedin_api_key
         )
         stack.push_async_callback(linkedin.aclose)
-        worker = build_worker(client, settings, store, linkedin)
+        accounts = account_activities(settings)
+        stack.push_async_callback(accounts.aclose)
+        worker = build_worker(client, settings, store, linkedin, accounts)
         logger.info("Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address)
         async with worker:
             await stop.wait()

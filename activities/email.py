@@ -113,6 +113,31 @@ class SmtpServer:
         return f"{host}:{self.port}"
 
 
+def smtp_client(
+    server: SmtpServer, *, username: str | None, password: str | None, timeout: float
+) -> aiosmtplib.SMTP:
+    """Build an unconnected client for `server` that logs in on connect when `username` is set.
+
+    `timeout` is the limit in seconds for connecting and for each SMTP command.
+    """
+    return aiosmtplib.SMTP(
+        hostname=server.host,
+        port=server.port,
+        use_tls=server.implicit_tls,
+        # None lets aiosmtplib upgrade with STARTTLS only when the server offers it.
+        start_tls=False if server.implicit_tls else None,
+        username=username,
+        password=password,
+        timeout=timeout,
+    )
+
+
+def sender_hint(subtype: str, default: str = _DEFAULT_SENDER_HINT) -> str:
+    """Return what the operator should check for a sender-side reply of this subtype, or
+    `default` for a subtype without a hint of its own."""
+    return _SENDER_HINTS.get(subtype, default)
+
+
 class EmailActivities:
     """The email channel's activities. The worker builds one instance with its clients."""
 
@@ -203,12 +228,8 @@ class EmailActivities:
                 input, f"{error}. Fix the sender's smtp_url in the campaign file"
             ) from None
 
-        client = aiosmtplib.SMTP(
-            hostname=server.host,
-            port=server.port,
-            use_tls=server.implicit_tls,
-            # None lets aiosmtplib upgrade with STARTTLS only when the server offers it.
-            start_tls=False if server.implicit_tls else None,
+        client = smtp_client(
+            server,
             username=self._smtp_username,
             password=self._smtp_password,
             timeout=self._timeout,
@@ -404,7 +425,7 @@ class EmailActivities:
     def _sender_alert(
         self, input: StepInput, server: SmtpServer, verdict: SmtpReplyClass, reply: str
     ) -> ApplicationError:
-        hint = _SENDER_HINTS.get(verdict.subtype, _DEFAULT_SENDER_HINT)
+        hint = sender_hint(verdict.subtype)
         return self._account_interrupted(
             input,
             f"SMTP server {server} rejected the message because of the sending side "

@@ -27,6 +27,7 @@ from pydantic import (
 from sequencer.addresses import InvalidEmailError, normalize_email
 from sequencer.channels import CHANNEL_OF, Channel, StepType
 from sequencer.durations import format_duration, parse_duration
+from sequencer.schedule import SendingSchedule
 from sequencer.templates import (
     TemplateSyntaxError,
     parse_placeholders,
@@ -172,12 +173,42 @@ Step = Annotated[
 ]
 
 
+DEFAULT_DAILY_EMAILS = 50
+DEFAULT_DAILY_INVITES = 25
+DEFAULT_INVITE_TIMEOUT = timedelta(days=14)
+
+
+def _positive_duration(value: Any) -> timedelta:
+    delta = _duration(value)
+    if delta < timedelta(0):
+        raise ValueError(f"{value!r} is negative: use a duration such as 30s or 2m")
+    return delta
+
+
 class Sender(_Model):
-    """The account that sends email steps. Credentials come from the environment."""
+    """The account that sends email steps. Credentials come from the environment.
+
+    `daily_limit` caps the emails this account sends in any 24 hours, across every campaign;
+    `min_spacing` is the shortest time between two of its sends.
+    """
 
     email: str
     name: str | None = None
     smtp_url: str = DEFAULT_SMTP_URL
+    daily_limit: int = Field(default=DEFAULT_DAILY_EMAILS, ge=1)
+    min_spacing: timedelta = timedelta(0)
+
+    _spacing = field_validator("min_spacing", mode="before")(
+        classmethod(lambda cls, value: _positive_duration(value))
+    )
+
+    @field_serializer("min_spacing")
+    def _dump_spacing(self, value: timedelta) -> str:
+        return format_duration(value)
+
+    @property
+    def account_id(self) -> str:
+        return f"email:{self.email}"
 
     @field_validator("email")
     @classmethod
@@ -205,6 +236,26 @@ class Sender(_Model):
         return value
 
 
+class LinkedInAccount(_Model):
+    """The LinkedIn account the provider drives for this campaign, and its limits."""
+
+    account: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
+    daily_invites: int = Field(default=DEFAULT_DAILY_INVITES, ge=1)
+    min_spacing: timedelta = timedelta(0)
+
+    _spacing = field_validator("min_spacing", mode="before")(
+        classmethod(lambda cls, value: _positive_duration(value))
+    )
+
+    @field_serializer("min_spacing")
+    def _dump_spacing(self, value: timedelta) -> str:
+        return format_duration(value)
+
+    @property
+    def account_id(self) -> str:
+        return f"linkedin:{self.account}"
+
+
 def slugify(name: str) -> str:
     """Turn a campaign name into the id used in workflow ids and commands."""
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
@@ -215,7 +266,26 @@ class Campaign(_Model):
     name: str = Field(min_length=1)
     id: str = ""
     sender: Sender | None = None
+    linkedin: LinkedInAccount = LinkedInAccount()
+    # When steps may run (rule 3); a lead's own timezone replaces the schedule's.
+    schedule: SendingSchedule | None = None
+    # How long a LinkedIn invitation may stay pending before its message steps fail (rule 9).
+    invite_timeout: timedelta = DEFAULT_INVITE_TIMEOUT
+    # New leads started per rolling 24 hours; None starts every lead at once.
+    max_new_leads_per_day: int | None = Field(default=None, ge=1)
     steps: list[Step] = Field(min_length=1)
+
+    @field_validator("invite_timeout", mode="before")
+    @classmethod
+    def _parse_invite_timeout(cls, value: Any) -> timedelta:
+        delta = _duration(value)
+        if delta <= timedelta(0):
+            raise ValueError(f"{value!r} is not a positive duration: use one such as 14d")
+        return delta
+
+    @field_serializer("invite_timeout")
+    def _dump_invite_timeout(self, value: timedelta) -> str:
+        return format_duration(value)
 
     @model_validator(mode="before")
     @classmethod

@@ -31,8 +31,12 @@ app = typer.Typer(
 )
 event_app = typer.Typer(help="Report an event for a lead: a bounce, a failed step or a reply.")
 task_app = typer.Typer(help="Calls and manual tasks waiting for a person.")
+lead_app = typer.Typer(help="Operator controls for one lead: pause, resume, remove, reassign.")
+account_app = typer.Typer(help="Sender accounts: their status, limits and outages.")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
+app.add_typer(lead_app, name="lead")
+app.add_typer(account_app, name="account")
 
 console = Console()
 errors = Console(stderr=True)
@@ -85,6 +89,9 @@ def up(
     ui_port: Annotated[int, typer.Option(help="Temporal Web UI port.")] = 8233,
     smtp_port: Annotated[int, typer.Option(help="Local SMTP server port.")] = 2525,
     linkedin_port: Annotated[int, typer.Option(help="LinkedIn sandbox port.")] = 8765,
+    webhook_port: Annotated[
+        int, typer.Option(help="Port of the receiver for provider webhooks.")
+    ] = 8766,
 ) -> None:
     """Run the local stack in the foreground: Temporal, its UI, SMTP, LinkedIn sandbox, worker.
 
@@ -94,7 +101,7 @@ def up(
 
     _configure_logging()
     stack = LocalStack(
-        load_settings(), StackPorts(temporal_port, ui_port, smtp_port, linkedin_port)
+        load_settings(), StackPorts(temporal_port, ui_port, smtp_port, linkedin_port, webhook_port)
     )
 
     async def serve() -> None:
@@ -448,6 +455,149 @@ def event_reply(
     """Report that the lead replied: the sequence stops (an auto-reply is only recorded)."""
     service = _service()
     console.print(_run(service.report_reply(campaign, lead, channel, auto)), highlight=False)
+
+
+@event_app.command("invite-accepted")
+def event_invite_accepted(
+    campaign: CampaignArgument,
+    lead: LeadArgument,
+    detail: Annotated[str | None, typer.Option(help="What the provider reported.")] = None,
+) -> None:
+    """Report that the lead accepted the LinkedIn invitation: a waiting message is sent."""
+    console.print(_run(_service().report_invitation(campaign, lead, True, detail)), highlight=False)
+
+
+@event_app.command("invite-declined")
+def event_invite_declined(
+    campaign: CampaignArgument,
+    lead: LeadArgument,
+    detail: Annotated[str | None, typer.Option(help="Declined, withdrawn...")] = None,
+) -> None:
+    """Report that the invitation was declined or withdrawn: LinkedIn messages fail."""
+    console.print(
+        _run(_service().report_invitation(campaign, lead, False, detail)), highlight=False
+    )
+
+
+# Operator controls
+
+
+NoteOption = Annotated[str | None, typer.Option("--note", help="Why, kept in the Activity.")]
+
+
+@lead_app.command("pause")
+def lead_pause(campaign: CampaignArgument, lead: LeadArgument, note: NoteOption = None) -> None:
+    """Pause a lead: nothing is sent and its remaining wait is frozen until it is resumed."""
+    console.print(_run(_service().control(campaign, lead, "pause", note)), highlight=False)
+
+
+@lead_app.command("resume")
+def lead_resume(campaign: CampaignArgument, lead: LeadArgument, note: NoteOption = None) -> None:
+    """Resume a paused lead with the wait it had left."""
+    console.print(_run(_service().control(campaign, lead, "resume", note)), highlight=False)
+
+
+@lead_app.command("remove")
+def lead_remove(campaign: CampaignArgument, lead: LeadArgument, note: NoteOption = None) -> None:
+    """Take a lead out of the campaign: its remaining steps are skipped, status removed."""
+    console.print(_run(_service().control(campaign, lead, "remove", note)), highlight=False)
+
+
+@lead_app.command("reassign")
+def lead_reassign(
+    campaign: CampaignArgument,
+    lead: LeadArgument,
+    to: Annotated[str | None, typer.Option("--to", help="The new sender's address.")] = None,
+    smtp_url: Annotated[
+        str | None, typer.Option(help="The new sender's SMTP server, if it differs.")
+    ] = None,
+    linkedin_account: Annotated[
+        str | None, typer.Option(help="The LinkedIn account to use instead.")
+    ] = None,
+) -> None:
+    """Move a lead to another sender account; a lead paused by its account resumes at once."""
+    message = _run(_service().reassign(campaign, lead, to, smtp_url, linkedin_account))
+    console.print(message, highlight=False)
+
+
+AddressArgument = Annotated[str, typer.Argument(help="The email address.")]
+
+
+@app.command()
+def unsubscribe(address: AddressArgument) -> None:
+    """Add an address to the suppression list: no campaign emails it any more."""
+    for line in _run(_service().unsubscribe(address)):
+        console.print(line, highlight=False)
+
+
+@app.command()
+def resubscribe(
+    address: AddressArgument,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Also start again, from the first step never executed, the "
+            "enrollments a bounce of this address stopped.",
+        ),
+    ] = False,
+) -> None:
+    """Remove an address from the suppression list."""
+    for line in _run(_service().resubscribe(address, resume)):
+        console.print(line, highlight=False)
+
+
+# Sender accounts
+
+
+@account_app.command("list")
+def account_list(as_json: JsonOption = False) -> None:
+    """Show every sender account in use: connected or not, and its sends of the last 24 hours."""
+    rows = _run(_service().accounts())
+    if as_json:
+        print(json.dumps([json.loads(row.model_dump_json()) for row in rows], indent=2))
+        return
+    if not rows:
+        console.print("No sender account has been used yet.")
+        return
+    table = Table(title="Sender accounts")
+    for column in ("account", "status", "since", "paused leads", "sent in 24 h", "booked"):
+        table.add_column(column)
+    for row in rows:
+        status = (
+            "[green]connected[/green]"
+            if row.connected
+            else f"[red]disconnected[/red]: {row.reason}"
+        )
+        table.add_row(
+            row.id,
+            status,
+            row.since.strftime("%Y-%m-%d %H:%M:%S") if row.since else "",
+            str(row.waiting_leads),
+            ", ".join(f"{kind} {count}" for kind, count in sorted(row.sends_last_24h.items())),
+            str(row.booked_ahead),
+        )
+    console.print(table)
+
+
+AccountArgument = Annotated[
+    str, typer.Argument(help="The account: an email address, or email:ADDRESS, linkedin:NAME.")
+]
+
+
+@account_app.command("reconnect")
+def account_reconnect(
+    account: AccountArgument,
+    note: NoteOption = None,
+) -> None:
+    """Mark an account connected again: every lead it paused resumes by itself."""
+    console.print(_run(_service().account_action(account, "reconnect", note)), highlight=False)
+
+
+@account_app.command("disconnect")
+def account_disconnect(account: AccountArgument, note: NoteOption = None) -> None:
+    """Mark an account disconnected: its leads pause on their next send until it reconnects."""
+    console.print(_run(_service().account_action(account, "disconnect", note)), highlight=False)
 
 
 # Tasks

@@ -2,7 +2,10 @@
 
 The demo plays the parts of the outside world that a real deployment gets from elsewhere: it
 reports the late bounce of the `late-bounce` lead as a mail system would, and completes the
-call tasks as a sales rep would.
+call tasks as a sales rep would. The local stack plays the rest: its LinkedIn sandbox accepts
+invitations 10 seconds after they are sent (so the LinkedIn messages wait for them), and its
+SMTP server refuses the email-only campaign's sender for 20 seconds (so those leads pause, and
+resume by themselves once the account's health check finds the inbox working again).
 """
 
 from __future__ import annotations
@@ -70,8 +73,19 @@ async def _run(service: Sequencer, console: Console, timeout: float, smtp_url: s
         for lead in read_leads(EXAMPLES / leads_file).leads:
             if lead.lead.email and service.store.unsuppress(lead.lead.email):
                 console.print(f"Re-subscribed {lead.lead.email} from an earlier demo run")
+        # A sender of its own for each run, so that the SMTP server's outage for outage-*
+        # senders happens again even when the stack has been up for a while.
+        sender = load_campaign(campaign_path).sender
+        sender_email = None
+        if sender and sender.email.startswith("outage"):
+            local, _, domain = sender.email.partition("@")
+            sender_email = f"{local}-{run_id}@{domain}"
         report = await service.launch(
-            campaign_path, EXAMPLES / leads_file, campaign_id=campaign_id, smtp_url=smtp_url
+            campaign_path,
+            EXAMPLES / leads_file,
+            campaign_id=campaign_id,
+            smtp_url=smtp_url,
+            sender_email=sender_email,
         )
         reports.append(report)
         imported = report.import_report

@@ -7,7 +7,7 @@ fields get defaults so that histories recorded before they existed still decode.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -73,6 +73,11 @@ def workflow_id_for(campaign_id: str, lead_key: str) -> str:
 class EnrollmentInput(BaseModel):
     campaign: Campaign
     lead: Lead
+    # Set when an operator starts again an enrollment that ended (rule 12): the steps as they
+    # ended. Executed steps keep their status, the others run again.
+    resume_steps: list[StepState] | None = None
+    resume_enrolled_at: datetime | None = None
+    log_offset: int = 0  # entries the earlier run wrote, so that new entries number after them
 
 
 class EnrollmentResult(BaseModel):
@@ -112,6 +117,9 @@ class StepOutcome(BaseModel):
     ]
     reason: str | None = None
     detail: str | None = None  # a provider reference or the SMTP reply, shown in Activity
+    # For a sent invitation: "accepted" when the provider says the lead is already a
+    # connection; otherwise the invitation is pending until the lead answers.
+    invitation: Literal["pending", "accepted"] | None = None
 
 
 class StepState(BaseModel):
@@ -161,6 +169,87 @@ class TaskOutcome(BaseModel):
     step: int
     outcome: Literal["done", "failed", "skipped"]
     reason: str | None = None
+
+
+class InvitationAnswer(BaseModel):
+    """The lead's answer to a LinkedIn invitation, reported by the provider or an operator."""
+
+    accepted: bool
+    detail: str | None = None
+
+
+class OperatorAction(BaseModel):
+    """Pause, resume or remove an enrollment (rule 12)."""
+
+    action: Literal["pause", "resume", "remove"]
+    note: str | None = None
+
+
+class SubscriptionChange(BaseModel):
+    """The lead's address was unsubscribed or re-subscribed in the suppression list."""
+
+    unsubscribed: bool
+    reason: str | None = None
+
+
+class Reassignment(BaseModel):
+    """Move an enrollment to another sender account."""
+
+    sender: Sender | None = None
+    linkedin_account: str | None = None
+
+
+class AccountReconnected(BaseModel):
+    account_id: str
+
+
+class AccountRef(BaseModel):
+    """A sender account: an email inbox, a LinkedIn account, or a campaign's start budget."""
+
+    id: str  # such as "email:rep@acme.test" or "linkedin:default"
+    channel: Literal["email", "linkedin", "campaign"]
+    sender: Sender | None = None
+    # How often a disconnected account is checked; None turns the health check off.
+    check_interval: timedelta | None = timedelta(minutes=15)
+
+
+class SlotRequest(BaseModel):
+    """Ask a sender account for the next free sending slot for one step of one lead."""
+
+    account: AccountRef
+    workflow_id: str
+    step: int
+    kind: str  # email, linkedin_invite, linkedin_message, linkedin_visit, start
+    cap: int | None = None  # sends of this kind per rolling 24 hours
+    spacing: timedelta = timedelta(0)  # between two sends of the account, of any kind
+
+
+class SlotGrant(BaseModel):
+    granted: bool
+    at: datetime | None = None
+    # Why the slot is later than asked ("cap" or "spacing"), or why nothing was granted.
+    reason: str | None = None
+    detail: str | None = None
+
+
+class AccountProblem(BaseModel):
+    """A step found its sender account unusable: the account is marked disconnected."""
+
+    account: AccountRef
+    workflow_id: str | None = None
+    detail: str
+
+
+class AccountStatus(BaseModel):
+    id: str
+    channel: str
+    connected: bool
+    reason: str | None = None
+    since: datetime | None = None
+    waiting_leads: int = 0
+    sends_last_24h: dict[str, int] = Field(default_factory=dict)
+    booked_ahead: int = 0
+    last_check: str | None = None
 
 
 class RecordInput(BaseModel):

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
 from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import (
     SearchAttributePair,
@@ -25,25 +26,33 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from sequencer.campaign import Campaign, load_campaign
+from sequencer.addresses import InvalidEmailError, normalize_email
+from sequencer.campaign import Campaign, Sender, load_campaign
 from sequencer.channels import Channel, EnrollmentStatus, StepStatus
 from sequencer.config import Settings, read_stack_file
 from sequencer.leads import ImportReport, read_leads
 from sequencer.models import (
     TASK_QUEUE,
+    AccountStatus,
     EnrollmentInput,
+    InvitationAnswer,
     LateFailure,
     Lead,
     LogEntry,
+    OperatorAction,
+    Reassignment,
     Reply,
     StepState,
+    SubscriptionChange,
     TaskOutcome,
     workflow_id_for,
 )
 from sequencer.storage import CampaignStats, EnrollmentRow, NotFoundError, Store, TaskRow
 from sequencer.temporal import connect
+from sequencer.webhooks import InvitationEvent, WebhookRejected
 from workflows.lead_machine import LeadSequence, plan_from_steps
 from workflows.lead_sequence import CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY, LeadSequenceWorkflow
+from workflows.sender_account import ACCOUNT_WORKFLOW_TYPE, account_workflow_id
 
 logger = logging.getLogger(__name__)
 
@@ -121,16 +130,21 @@ class Sequencer:
         progress: Callable[[int, int], None] | None = None,
         campaign_id: str | None = None,
         smtp_url: str | None = None,
+        sender_email: str | None = None,
     ) -> LaunchReport:
         """Import leads and enroll each valid one; leads already enrolled are left alone.
 
-        `campaign_id` and `smtp_url` override the file's, as the demo does for its local stack.
+        `campaign_id`, `smtp_url` and `sender_email` override the file's, as the demo does for
+        its local stack.
         """
         campaign = load_campaign(campaign_path)
         if campaign_id:
             campaign = campaign.model_copy(update={"id": campaign_id})
-        if smtp_url and campaign.sender:
-            sender = campaign.sender.model_copy(update={"smtp_url": smtp_url})
+        if (smtp_url or sender_email) and campaign.sender:
+            changes = {"smtp_url": smtp_url, "email": sender_email}
+            sender = campaign.sender.model_copy(
+                update={key: value for key, value in changes.items() if value}
+            )
             campaign = campaign.model_copy(update={"sender": sender})
         report = read_leads(Path(leads_path), campaign)
         self._check_same_steps(campaign)
@@ -344,6 +358,209 @@ class Sequencer:
         )
         return f"reply recorded; the enrollment had already ended as {enrollment.status}"
 
+    # Operator controls (rule 12) and invitations (rule 9)
+
+    async def control(
+        self, campaign_ref: str, lead_ref: str, action: str, note: str | None = None
+    ) -> str:
+        """Pause, resume or remove a lead; returns what happened, in a sentence."""
+        if action not in ("pause", "resume", "remove"):
+            raise ServiceError(f"unknown action {action!r}: use pause, resume or remove")
+        campaign = self._campaign(campaign_ref)
+        enrollment = self._enrollment(campaign, lead_ref)
+        return await self._update(enrollment, "control", OperatorAction(action=action, note=note))
+
+    async def report_invitation(
+        self, campaign_ref: str, lead_ref: str, accepted: bool, detail: str | None = None
+    ) -> str:
+        """Report that the lead accepted or declined the LinkedIn invitation."""
+        campaign = self._campaign(campaign_ref)
+        enrollment = self._enrollment(campaign, lead_ref)
+        answer = InvitationAnswer(accepted=accepted, detail=detail)
+        return await self._update(enrollment, "answer_invitation", answer)
+
+    async def invitation_event(self, event: InvitationEvent) -> str:
+        """Apply a provider's webhook about an invitation; a repeated event changes nothing."""
+        try:
+            enrollment = self.store.get_enrollment_by_workflow(event.workflow_id)
+        except NotFoundError as error:
+            raise WebhookRejected(404, str(error)) from None
+        answer = InvitationAnswer(
+            accepted=event.accepted, detail=event.detail or f"provider event {event.event_id}"
+        )
+        try:
+            return await self._update(enrollment, "answer_invitation", answer)
+        except ServiceError as error:
+            # A repeat, or an answer after the lead ended: the provider must not retry it.
+            return f"ignored: {error}"
+
+    async def reassign(
+        self,
+        campaign_ref: str,
+        lead_ref: str,
+        sender_email: str | None = None,
+        smtp_url: str | None = None,
+        linkedin_account: str | None = None,
+    ) -> str:
+        """Move a lead to another sender account; a lead paused by its account resumes."""
+        campaign = self._campaign(campaign_ref)
+        enrollment = self._enrollment(campaign, lead_ref)
+        sender = None
+        if sender_email:
+            current = campaign.sender
+            values: dict[str, Any] = current.model_dump() if current else {}
+            values.update({"email": sender_email, "name": None})
+            if smtp_url:
+                values["smtp_url"] = smtp_url
+            try:
+                sender = Sender.model_validate(values)
+            except ValidationError as error:
+                problems = "; ".join(
+                    ".".join(str(part) for part in e["loc"])
+                    + ": "
+                    + e["msg"].removeprefix("Value error, ")
+                    for e in error.errors()
+                )
+                raise ServiceError(f"invalid sender: {problems}") from None
+        elif smtp_url:
+            raise ServiceError("--smtp-url needs --to: name the sender address to move to")
+        reassignment = Reassignment(sender=sender, linkedin_account=linkedin_account)
+        return await self._update(enrollment, "reassign", reassignment)
+
+    async def unsubscribe(self, address: str, reason: str = "operator") -> list[str]:
+        """Add an address to the suppression list; returns one line per change."""
+        key = self._address(address)
+        if not self.store.suppress(key, reason, "operator"):
+            existing = self.store.suppression(key) or {}
+            raise ServiceError(
+                f"{key} is already unsubscribed ({existing.get('reason', 'unknown reason')}); "
+                "nothing changed"
+            )
+        lines = [f"{key} unsubscribed: no email step of any campaign will be sent to it"]
+        change = SubscriptionChange(unsubscribed=True, reason=reason)
+        for enrollment in self.store.enrollments_for_address(key):
+            lines.append(await self._subscription(enrollment, change))
+        return lines
+
+    async def resubscribe(self, address: str, resume: bool = False) -> list[str]:
+        """Remove an address from the suppression list, and optionally start again the
+        enrollments that a bounce stopped, from their first step never executed."""
+        key = self._address(address)
+        existing = self.store.suppression(key)
+        if existing is None:
+            raise ServiceError(f"{key} is not unsubscribed; nothing changed")
+        enrollments = self.store.enrollments_for_address(key)
+        self.store.unsuppress(key)
+        lines = [f"{key} re-subscribed (it was unsubscribed because of: {existing['reason']})"]
+        change = SubscriptionChange(unsubscribed=False)
+        for enrollment in enrollments:
+            lines.append(await self._subscription(enrollment, change))
+            if resume:
+                lines.append(await self._resume_stopped(enrollment))
+        if not resume and any(e.status == EnrollmentStatus.STOPPED for e in enrollments):
+            lines.append(
+                "enrollments stopped by a bounce stay stopped; add --resume to run their "
+                "remaining steps"
+            )
+        return lines
+
+    async def _subscription(self, enrollment: EnrollmentRow, change: SubscriptionChange) -> str:
+        label = f"{enrollment.campaign_id}: {enrollment.lead_key}"
+        if not EnrollmentStatus(enrollment.status).is_final:
+            try:
+                await self._update(enrollment, "change_subscription", change)
+                return f"{label}: recorded in the running enrollment"
+            except ServiceError:
+                pass  # the workflow ended meanwhile, or already knew: record it below
+        entry = LogEntry(
+            seq=0,
+            at=datetime.now(UTC),
+            kind="event",
+            status="unsubscribed" if change.unsubscribed else "resubscribed",
+            reason=change.reason,
+        )
+        self.store.record_external(
+            enrollment.workflow_id, f"subscription:{entry.at.isoformat()}", entry
+        )
+        self.store.set_unsubscribed(enrollment.workflow_id, change.unsubscribed)
+        return f"{label}: recorded (the enrollment had ended as {enrollment.status})"
+
+    async def _resume_stopped(self, enrollment: EnrollmentRow) -> str:
+        label = f"{enrollment.campaign_id}: {enrollment.lead_key}"
+        if enrollment.status != EnrollmentStatus.STOPPED:
+            return f"{label}: not resumed, because it is {enrollment.status}, not stopped"
+        campaign = self.store.get_campaign(enrollment.campaign_id)
+        steps = self.store.step_states(enrollment.workflow_id, campaign)
+        if not any(step.status == StepStatus.BOUNCED for step in steps):
+            return f"{label}: not resumed, because no bounce stopped it"
+        first = next(
+            (s for s in steps if s.status in (StepStatus.SKIPPED, StepStatus.PENDING)), None
+        )
+        if first is None:
+            return f"{label}: not resumed, because every step was executed"
+        client = await self.client()
+        await client.start_workflow(
+            LeadSequenceWorkflow.run,
+            EnrollmentInput(
+                campaign=campaign,
+                lead=enrollment.lead,
+                resume_steps=steps,
+                resume_enrolled_at=enrollment.enrolled_at,
+                log_offset=self.store.workflow_entries(enrollment.workflow_id),
+            ),
+            id=enrollment.workflow_id,
+            task_queue=TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=TypedSearchAttributes(
+                [
+                    SearchAttributePair(CAMPAIGN_KEY, campaign.id),
+                    SearchAttributePair(STATUS_KEY, EnrollmentStatus.RUNNING.value),
+                    SearchAttributePair(STAGE_KEY, f"step-{first.step}"),
+                ]
+            ),
+            static_summary=f"Lead {enrollment.workflow_id.rsplit('-', 1)[-1]} in campaign "
+            f"{campaign.id}, resumed",
+        )
+        return f"{label}: resumed from step {first.step} ({first.type})"
+
+    # Sender accounts (rule 8)
+
+    async def accounts(self) -> list[AccountStatus]:
+        """Return the status of every sender account that a lead has used."""
+        client = await self.client()
+        result = []
+        query = f"WorkflowType = '{ACCOUNT_WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
+        async for execution in client.list_workflows(query):
+            if "/" in execution.id:
+                continue  # a what-if run's account
+            handle = client.get_workflow_handle(execution.id)
+            try:
+                result.append(await handle.query("status", result_type=AccountStatus))
+            except RPCError:
+                continue
+        return sorted(result, key=lambda status: status.id)
+
+    async def account_action(self, account_id: str, action: str, detail: str | None) -> str:
+        """Reconnect or disconnect a sender account, such as `email:rep@acme.test`."""
+        if action not in ("reconnect", "disconnect"):
+            raise ServiceError(f"unknown action {action!r}: use reconnect or disconnect")
+        if ":" not in account_id:
+            account_id = f"email:{account_id}" if "@" in account_id else f"linkedin:{account_id}"
+        client = await self.client()
+        handle = client.get_workflow_handle(account_workflow_id(account_id))
+        try:
+            return await handle.execute_update(action, detail, result_type=str)
+        except WorkflowUpdateFailedError as error:
+            raise ServiceError(f"{_cause(error)}; nothing changed") from None
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise ServiceError(
+                f"no sender account {account_id!r} is active: an account appears once a lead "
+                "sends through it; list them with `sequencer account list`"
+            ) from None
+
     # Tasks
 
     def tasks(self, status: str | None = "open", campaign_ref: str | None = None) -> list[TaskRow]:
@@ -392,6 +609,29 @@ class Sequencer:
         except NotFoundError as error:
             raise ServiceError(str(error)) from None
 
+    def _address(self, address: str) -> str:
+        try:
+            return normalize_email(address)
+        except InvalidEmailError as error:
+            raise ServiceError(f"invalid email address {address!r}: {error}") from None
+
+    async def _update(self, enrollment: EnrollmentRow, name: str, argument: Any) -> str:
+        """Send an update to a lead's workflow; a refused one raises ServiceError."""
+        client = await self.client()
+        handle = client.get_workflow_handle(enrollment.workflow_id)
+        try:
+            result = await handle.execute_update(name, argument, result_type=str)
+        except WorkflowUpdateFailedError as error:
+            raise ServiceError(f"{enrollment.lead_key}: {_cause(error)}; nothing changed") from None
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise ServiceError(
+                f"{enrollment.lead_key}: the enrollment has already ended as "
+                f"{enrollment.status}; nothing changed"
+            ) from None
+        return f"{enrollment.lead_key}: {result}"
+
     async def _signal(self, workflow_id: str, name: str, argument: Any) -> bool:
         """Signal a running workflow; return False when it has already ended."""
         client = await self.client()
@@ -403,3 +643,8 @@ class Sequencer:
                 return False
             raise
         return True
+
+
+def _cause(error: WorkflowUpdateFailedError) -> str:
+    cause = error.cause
+    return cause.message if isinstance(cause, ApplicationError) else str(cause)

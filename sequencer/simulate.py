@@ -5,11 +5,17 @@ what a campaign does under failure before launching it:
 
     ann@example.com:              # a lead, by email (or by LinkedIn URL when it has no email)
       steps: {1: bounce}          # per step: sent (default) | bounce (email only) | fail
+                                  # | invite_pending (linkedin_invite only)
       events:                     # later events, offsets from enrollment
         - {after: 1d, type: bounce, step: 1}
+        - {after: 2d, type: invite_accepted}             # or invite_declined
+        - {after: 3h, type: account_disconnected, account: email}
+        - {after: 5h, type: account_reconnected, account: email}
 
 A task (call, manual task) is done as soon as it is due, unless the file fails it or gives it
-a task_done, task_failed or task_skipped event.
+a task_done, task_failed or task_skipped event. An invitation counts as accepted at once
+unless its step is invite_pending; it then waits for an invite event or the campaign's
+invite_timeout. Account events act on the lead's sender account, which all leads share.
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from temporalio import activity
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 from temporalio.testing import WorkflowEnvironment
 
@@ -40,11 +47,13 @@ from sequencer.channels import (
     StepStatus,
     StepType,
 )
-from sequencer.durations import parse_duration
+from sequencer.durations import format_duration, parse_duration
 from sequencer.linkedin_urls import parse_linkedin_url
 from sequencer.models import (
+    AccountRef,
     EnrollmentInput,
     EnrollmentResult,
+    InvitationAnswer,
     LateFailure,
     Lead,
     RecordInput,
@@ -58,7 +67,26 @@ from sequencer.temporal import CORE_LOGGER, find_binary, lead_worker, register_s
 from workflows.lead_machine import Ignored, LeadSequence, plan_from_steps
 from workflows.lead_sequence import LeadSequenceWorkflow
 
-EventType = Literal["bounce", "fail", "reply", "task_done", "task_failed", "task_skipped"]
+EventType = Literal[
+    "bounce",
+    "fail",
+    "reply",
+    "task_done",
+    "task_failed",
+    "task_skipped",
+    "invite_accepted",
+    "invite_declined",
+    "account_disconnected",
+    "account_reconnected",
+]
+# Events about the lead as a whole, or about its sender account: they take no step number.
+_STEPLESS_EVENTS = {
+    "reply",
+    "invite_accepted",
+    "invite_declined",
+    "account_disconnected",
+    "account_reconnected",
+}
 
 
 class OutcomesError(ValueError):
@@ -72,6 +100,8 @@ class ScriptedEvent(BaseModel):
     type: EventType
     step: int | None = None
     reason: str | None = None
+    # For account events: which of the lead's sender accounts.
+    account: Literal["email", "linkedin"] | None = None
 
     @field_validator("after", mode="before")
     @classmethod
@@ -82,7 +112,11 @@ class ScriptedEvent(BaseModel):
 class LeadScript(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    steps: dict[int, Literal["sent", "bounce", "fail"]] = Field(default_factory=dict)
+    # invite_pending: the invitation is sent and the lead has not answered yet; without it, a
+    # simulated invitation counts as accepted at once.
+    steps: dict[int, Literal["sent", "bounce", "fail", "invite_pending"]] = Field(
+        default_factory=dict
+    )
     events: list[ScriptedEvent] = Field(default_factory=list)
 
 
@@ -166,8 +200,21 @@ def _check_script(lead: str, script: LeadScript, campaign: Campaign) -> list[str
             )
         elif outcome == "bounce" and campaign.steps[number - 1].channel != Channel.EMAIL:
             problems.append(f"{lead}: step {number} is not an email step: use fail, not bounce")
+        elif outcome == "invite_pending" and campaign.steps[number - 1].type != "linkedin_invite":
+            problems.append(
+                f"{lead}: step {number} is not a linkedin_invite step: invite_pending applies "
+                "only to invitations"
+            )
     for event in script.events:
-        if event.type == "reply":
+        if event.type.startswith("account_"):
+            if event.account is None:
+                problems.append(
+                    f"{lead}: a {event.type} event needs `account: email` or `account: linkedin`"
+                )
+            elif event.account == "email" and campaign.sender is None:
+                problems.append(f"{lead}: the campaign has no email sender to disconnect")
+            continue
+        if event.type in _STEPLESS_EVENTS:
             continue
         if event.step is None:
             problems.append(f"{lead}: a {event.type} event needs a step number")
@@ -208,8 +255,15 @@ class SimulatedChannels:
     async def linkedin_step(self, input: StepInput) -> StepOutcome:
         if not input.lead.linkedin_url:
             return StepOutcome(status=StepStatus.FAILED, reason=Reason.NO_LINKEDIN_URL)
-        if self._scripted(input) == "fail":
+        outcome = self._scripted(input)
+        if outcome == "fail":
             return StepOutcome(status=StepStatus.FAILED, reason="failed", detail="simulated")
+        if input.step.type == StepType.LINKEDIN_INVITE:
+            return StepOutcome(
+                status=StepStatus.SENT,
+                detail="simulated",
+                invitation="pending" if outcome == "invite_pending" else "accepted",
+            )
         return StepOutcome(status=StepStatus.SENT, detail="simulated")
 
     @activity.defn(name="create_task")
@@ -274,7 +328,10 @@ async def run_simulation(
     await register_search_attributes(client)
     task_queue = f"simulate-{uuid.uuid4()}"
     channels = SimulatedChannels(scripts)
-    async with lead_worker(client, task_queue, channels.activities()):
+    notes: list[str] = []
+    async with lead_worker(
+        client, task_queue, channels.activities(), account_check_interval=None, end_accounts=True
+    ) as worker:
         handles: dict[str, WorkflowHandle] = {}
         for lead in leads:
             handles[lead.key] = await client.start_workflow(
@@ -297,6 +354,16 @@ async def run_simulation(
             if after > elapsed:
                 await environment.sleep(after - elapsed)
                 elapsed = after
+            if event.type.startswith("account_"):
+                refused = await _account_event(worker, campaign, task_queue, event)
+                if refused:
+                    notes.append(f"{key}: {event.type} at {_offset(after)}: {refused}")
+                continue
+            if event.type.startswith("invite_"):
+                refused = await _invitation_event(handles[key], event)
+                if refused:
+                    notes.append(f"{key}: {event.type} at {_offset(after)}: {refused}")
+                continue
             name, argument = _signal_for(event)
             try:
                 await handles[key].signal(name, argument)
@@ -318,12 +385,51 @@ async def run_simulation(
         "leads": [
             _lead_report(lead.key, result) for lead, result in zip(leads, results, strict=True)
         ],
-        "warnings": [
+        "warnings": notes
+        + [
             f"{lead.key}: {message}"
             for lead, result in zip(leads, results, strict=True)
             for message in result.ignored
         ],
     }
+
+
+async def _account_event(
+    worker: Any, campaign: Campaign, task_queue: str, event: ScriptedEvent
+) -> str | None:
+    """Disconnect or reconnect one of the campaign's sender accounts; return why it was refused."""
+    if event.account == "email":
+        assert campaign.sender is not None
+        account = AccountRef(id=campaign.sender.account_id, channel="email", sender=campaign.sender)
+    else:
+        account = AccountRef(id=campaign.linkedin.account_id, channel="linkedin")
+    name = "disconnect" if event.type == "account_disconnected" else "reconnect"
+    try:
+        await worker.accounts.update_account(
+            account, task_queue, name, event.reason or f"simulated {name}"
+        )
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        return cause.message if isinstance(cause, ApplicationError) else str(cause)
+    return None
+
+
+async def _invitation_event(handle: WorkflowHandle, event: ScriptedEvent) -> str | None:
+    answer = InvitationAnswer(accepted=event.type == "invite_accepted", detail=event.reason)
+    try:
+        await handle.execute_update("answer_invitation", answer, result_type=str)
+    except WorkflowUpdateFailedError as error:
+        cause = error.cause
+        return cause.message if isinstance(cause, ApplicationError) else str(cause)
+    except RPCError as error:
+        if error.status != RPCStatusCode.NOT_FOUND:
+            raise
+        return "the enrollment had already ended"
+    return None
+
+
+def _offset(after: timedelta) -> str:
+    return format_duration(after)
 
 
 def _apply_after_end(

@@ -5,6 +5,18 @@ Every accepted message is written as one `.eml` file per recipient into a mailbo
 envelope can be checked. Recipients whose local part starts with a bounce prefix (`bounce@x`,
 `bounce-ann@x`) are rejected at RCPT with a 550 5.1.1 reply. Local parts starting with
 `late-bounce` are always accepted, because the engine reports those bounces later.
+
+Outages of a sender account can be simulated, so that a demo shows enrollments pausing and
+resuming by themselves. During an outage, MAIL FROM for that sender address is rejected with
+`535 5.7.8 Authentication credentials invalid`, the reply of a server whose login failed:
+
+- A sender whose local part starts with `outage` (`outage-rep@acme.test`) gets one outage. It
+  starts at the first MAIL FROM from that address and lasts `outage_seconds`. After it ends,
+  the address is accepted for as long as the sink runs.
+- `SmtpSink.start_outage(address, seconds)` rejects any sender address from now on for that
+  many seconds, and `SmtpSink.end_outage(address)` ends its outage at once.
+
+Sender addresses are compared without regard to case.
 """
 
 from __future__ import annotations
@@ -12,6 +24,7 @@ from __future__ import annotations
 import email.policy
 import itertools
 import logging
+import math
 import os
 import re
 import tempfile
@@ -29,18 +42,67 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 logger = logging.getLogger(__name__)
 
 LATE_BOUNCE_PREFIX = "late-bounce"
+OUTAGE_PREFIX = "outage"
+OUTAGE_REPLY = "535 5.7.8 Authentication credentials invalid"
+DEFAULT_OUTAGE_SECONDS = 20.0
 MAILBOX_SUFFIX = ".eml"
 
 _UNSAFE_FILE_NAME_CHARACTERS = re.compile(r"[^A-Za-z0-9._-]+")
 _MAX_MESSAGE_ID_IN_FILE_NAME = 80
 
 
-class _MailboxHandler:
-    """aiosmtpd handler hooks: the RCPT verdict and the storage of accepted messages."""
+def _local_part(address: str) -> str:
+    return address.rpartition("@")[0].lower()
 
-    def __init__(self, mailbox_dir: Path, bounce_prefixes: tuple[str, ...]) -> None:
+
+class _OutageSchedule:
+    """The end of each sender address's outage, in `time.monotonic()` seconds.
+
+    The lock guards `_ends` because the server thread reads it while the caller's thread sets
+    outages. An address keeps its entry after its outage ends, which is how an `outage`
+    address is kept from starting a second automatic outage.
+    """
+
+    def __init__(self, outage_seconds: float) -> None:
+        self.outage_seconds = outage_seconds
+        self._ends: dict[str, float] = {}
+        self._lock = threading.Lock()
+
+    def start(self, address: str, seconds: float) -> None:
+        with self._lock:
+            self._ends[address.lower()] = time.monotonic() + seconds
+
+    def end(self, address: str) -> None:
+        with self._lock:
+            self._ends[address.lower()] = time.monotonic()
+
+    def seconds_left(self, address: str) -> float:
+        """Return how long `address` stays rejected, starting the automatic outage of an
+        `outage` address on its first MAIL FROM. Returns 0.0 when it is accepted."""
+        key = address.lower()
+        now = time.monotonic()
+        with self._lock:
+            if key not in self._ends and _local_part(key).startswith(OUTAGE_PREFIX):
+                self._ends[key] = now + self.outage_seconds
+                logger.info("sender outage started for %.1f seconds", self.outage_seconds)
+            return max(self._ends.get(key, now) - now, 0.0)
+
+
+def _check_seconds(name: str, seconds: float, *, allow_zero: bool) -> None:
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        expected = "zero or more" if allow_zero else "more than zero"
+        raise ValueError(f"invalid {name} {seconds!r}: expected a number of seconds, {expected}")
+
+
+class _MailboxHandler:
+    """aiosmtpd handler hooks: the MAIL and RCPT verdicts and the storage of accepted messages."""
+
+    def __init__(
+        self, mailbox_dir: Path, bounce_prefixes: tuple[str, ...], outages: _OutageSchedule
+    ) -> None:
         self.mailbox_dir = mailbox_dir
         self.bounce_prefixes = tuple(prefix.lower() for prefix in bounce_prefixes)
+        self.outages = outages
         # The counter orders messages stored within the same nanosecond tick.
         self._sequence = itertools.count()
         self._sequence_lock = threading.Lock()
@@ -50,6 +112,27 @@ class _MailboxHandler:
         if local_part.startswith(LATE_BOUNCE_PREFIX):
             return False
         return local_part.startswith(self.bounce_prefixes)
+
+    async def handle_MAIL(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        seconds_left = self.outages.seconds_left(address)
+        if seconds_left > 0:
+            logger.info(
+                "rejected a sender at MAIL FROM: %s (outage, %.1f seconds left)",
+                OUTAGE_REPLY,
+                seconds_left,
+            )
+            return OUTAGE_REPLY
+        # With a MAIL hook, aiosmtpd leaves recording the sender to the hook.
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 OK"
 
     async def handle_RCPT(
         self,
@@ -132,7 +215,8 @@ class SmtpSink:
     """A local SMTP server that stores messages in `mailbox_dir` and rejects bounce addresses.
 
     It runs in its own thread, so it serves both synchronous and asyncio callers. Start it with
-    `start()` or use it as a context manager.
+    `start()` or use it as a context manager. `outage_seconds` is the length of the automatic
+    outage of `outage` sender addresses, and 0 turns it off.
     """
 
     def __init__(
@@ -142,11 +226,15 @@ class SmtpSink:
         host: str = "127.0.0.1",
         port: int = 2525,
         bounce_prefixes: tuple[str, ...] = ("bounce",),
+        outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
     ) -> None:
+        _check_seconds("outage_seconds", outage_seconds, allow_zero=True)
         self.mailbox_dir = Path(mailbox_dir)
         self.host = host
         self._requested_port = port
         self.bounce_prefixes = bounce_prefixes
+        # Outages outlive a restart of the server, and can be set before it starts.
+        self._outages = _OutageSchedule(outage_seconds)
         self._controller: _FreePortController | None = None
 
     @property
@@ -160,6 +248,29 @@ class SmtpSink:
     def smtp_url(self) -> str:
         """The `smtp://host:port` URL that a campaign's sender uses to reach this server."""
         return f"smtp://{self.host}:{self.port}"
+
+    @property
+    def outage_seconds(self) -> float:
+        """The length in seconds of the automatic outage of `outage` sender addresses."""
+        return self._outages.outage_seconds
+
+    def start_outage(self, address: str, seconds: float) -> None:
+        """Reject MAIL FROM for `address` with OUTAGE_REPLY from now on for `seconds` seconds.
+
+        This replaces any outage of that address, including the automatic one of an `outage`
+        address, which then never starts. Raises ValueError unless `seconds` is more than zero.
+        """
+        _check_seconds("outage length", seconds, allow_zero=False)
+        self._outages.start(address, seconds)
+        logger.info("sender outage set for %.1f seconds", seconds)
+
+    def end_outage(self, address: str) -> None:
+        """Accept MAIL FROM for `address` from now on.
+
+        The automatic outage of an `outage` address does not start after this either.
+        """
+        self._outages.end(address)
+        logger.info("sender outage ended")
 
     def start(self) -> None:
         """Start listening and return once the server responds.
@@ -176,7 +287,7 @@ class SmtpSink:
         if aiosmtpd_logger.level == logging.NOTSET:
             aiosmtpd_logger.setLevel(logging.WARNING)
 
-        handler = _MailboxHandler(self.mailbox_dir, self.bounce_prefixes)
+        handler = _MailboxHandler(self.mailbox_dir, self.bounce_prefixes, self._outages)
         controller = _FreePortController(
             handler,
             hostname=self.host,

@@ -19,7 +19,10 @@ import socket
 import subprocess
 import time
 from dataclasses import dataclass, replace
+from datetime import timedelta
 from pathlib import Path
+
+import uvicorn
 
 from sequencer.config import (
     DEFAULT_LINKEDIN_PORT,
@@ -29,12 +32,20 @@ from sequencer.config import (
     read_stack_file,
 )
 from sequencer.linkedin_sandbox import LinkedInSandbox
+from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink
 from sequencer.temporal import connect, find_binary, search_attribute_flags
+from sequencer.webhooks import create_webhook_app
 
 logger = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT = 60.0
+DEFAULT_WEBHOOK_PORT = 8766
+# The sandbox's leads accept an invitation this long after it is sent, so that a LinkedIn
+# message due a few seconds later shows as waiting for the acceptance.
+SANDBOX_ACCEPT_DELAY = 10.0
+# The local stack checks a disconnected account this often, so an outage ends in seconds.
+LOCAL_ACCOUNT_CHECK_INTERVAL = timedelta(seconds=5)
 
 
 class StackError(RuntimeError):
@@ -47,11 +58,12 @@ class StackPorts:
     ui: int = DEFAULT_UI_PORT
     smtp: int = DEFAULT_SMTP_PORT
     linkedin: int = DEFAULT_LINKEDIN_PORT
+    webhooks: int = DEFAULT_WEBHOOK_PORT
 
     @classmethod
     def free(cls) -> StackPorts:
-        """Pick four free ports on 127.0.0.1, for tests and parallel stacks."""
-        return cls(*(free_port() for _ in range(4)))
+        """Pick five free ports on 127.0.0.1, for tests and parallel stacks."""
+        return cls(*(free_port() for _ in range(5)))
 
 
 def free_port() -> int:
@@ -97,6 +109,13 @@ class LocalStack:
             temporal_address=f"127.0.0.1:{self.ports.temporal}",
             linkedin_url=f"http://127.0.0.1:{self.ports.linkedin}",
         )
+        if not os.environ.get("SEQUENCER_ACCOUNT_CHECK_INTERVAL"):
+            self.settings = replace(
+                self.settings, account_check_interval=LOCAL_ACCOUNT_CHECK_INTERVAL
+            )
+        self._webhooks: uvicorn.Server | None = None
+        self._webhooks_task: asyncio.Task[None] | None = None
+        self._webhook_service: Sequencer | None = None
         self.home = settings.home
         self._server: subprocess.Popen[bytes] | None = None
         self._smtp: SmtpSink | None = None
@@ -111,6 +130,10 @@ class LocalStack:
     @property
     def smtp_url(self) -> str:
         return f"smtp://127.0.0.1:{self.ports.smtp}"
+
+    @property
+    def webhook_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.webhooks}"
 
     @property
     def mailbox(self) -> Path:
@@ -129,6 +152,7 @@ class LocalStack:
             ("Temporal UI", self.ports.ui),
             ("SMTP", self.ports.smtp),
             ("LinkedIn sandbox", self.ports.linkedin),
+            ("webhook receiver", self.ports.webhooks),
         ):
             if _port_open(port):
                 raise StackError(
@@ -139,10 +163,14 @@ class LocalStack:
             await self._start_server()
             self._smtp = SmtpSink(self.mailbox, port=self.ports.smtp)
             self._smtp.start()
+            await self._start_webhooks()
             self._linkedin = LinkedInSandbox(
                 port=self.ports.linkedin,
                 api_key=self.settings.linkedin_api_key,
                 journal_path=self.home / "linkedin-actions.jsonl",
+                accept_delay=SANDBOX_ACCEPT_DELAY,
+                webhook_url=f"{self.webhook_url}/webhooks/linkedin",
+                webhook_secret=self.settings.linkedin_webhook_secret,
             )
             self._linkedin.start()
             self._start_worker()
@@ -157,6 +185,7 @@ class LocalStack:
                     "ui_url": self.ui_url,
                     "smtp_url": self.smtp_url,
                     "linkedin_url": self.settings.linkedin_url,
+                    "webhook_url": self.webhook_url,
                     "mailbox": str(self.mailbox),
                 },
                 indent=2,
@@ -217,6 +246,26 @@ class LocalStack:
                     ) from None
                 await asyncio.sleep(0.5)
 
+    async def _start_webhooks(self) -> None:
+        """Serve the provider webhooks (LinkedIn invitations answered) on this event loop."""
+        self._webhook_service = Sequencer(self.settings)
+        app = create_webhook_app(
+            linkedin_secret=self.settings.linkedin_webhook_secret,
+            on_invitation=self._webhook_service.invitation_event,
+        )
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.ports.webhooks, log_level="warning", lifespan="off"
+        )
+        self._webhooks = uvicorn.Server(config)
+        self._webhooks_task = asyncio.create_task(self._webhooks.serve())
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while not self._webhooks.started:
+            if self._webhooks_task.done() or time.monotonic() > deadline:
+                raise StackError(
+                    f"the webhook receiver could not start on 127.0.0.1:{self.ports.webhooks}"
+                )
+            await asyncio.sleep(0.05)
+
     def _start_worker(self) -> None:
         from worker import run_worker
 
@@ -237,6 +286,15 @@ class LocalStack:
         if self._linkedin:
             self._linkedin.stop()
             self._linkedin = None
+        if self._webhooks and self._webhooks_task:
+            self._webhooks.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._webhooks_task, timeout=10)
+            self._webhooks = None
+            self._webhooks_task = None
+        if self._webhook_service:
+            self._webhook_service.close()
+            self._webhook_service = None
         if self._smtp:
             self._smtp.stop()
             self._smtp = None

@@ -320,6 +320,15 @@ class Store:
             )
         return _enrollment(row)
 
+    def get_enrollment_by_workflow(self, workflow_id: str) -> EnrollmentRow:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                _enrollment_query().where(enrollments.c.workflow_id == workflow_id)
+            ).first()
+        if row is None:
+            raise NotFoundError(f"no enrollment has the workflow id {workflow_id!r}")
+        return _enrollment(row)
+
     def list_enrollments(self, campaign_id: str) -> list[EnrollmentRow]:
         with self.engine.connect() as connection:
             rows = connection.execute(
@@ -329,13 +338,42 @@ class Store:
             )
             return [_enrollment(row) for row in rows]
 
-    def set_unsubscribed(self, workflow_id: str) -> None:
+    def set_unsubscribed(self, workflow_id: str, unsubscribed: bool = True) -> None:
         with self.engine.begin() as connection:
             connection.execute(
                 update(enrollments)
                 .where(enrollments.c.workflow_id == workflow_id)
-                .values(unsubscribed=True, updated_at=_now())
+                .values(unsubscribed=unsubscribed, updated_at=_now())
             )
+
+    def enrollments_for_address(self, address: str) -> list[EnrollmentRow]:
+        """Return every enrollment, in any campaign, of the lead with this email address."""
+        with self.engine.connect() as connection:
+            rows = connection.execute(
+                _enrollment_query()
+                .where(enrollments.c.lead_key == _key(address))
+                .order_by(enrollments.c.enrolled_at)
+            )
+            return [_enrollment(row) for row in rows]
+
+    def workflow_entries(self, workflow_id: str) -> int:
+        """Return how many log entries the enrollment's workflow runs have written."""
+        with self.engine.connect() as connection:
+            return connection.execute(
+                select(func.count())
+                .select_from(activity)
+                .where(
+                    activity.c.workflow_id == workflow_id,
+                    activity.c.entry_key.like("wf:%"),
+                )
+            ).scalar_one()
+
+    def suppression(self, address: str) -> dict[str, Any] | None:
+        with self.engine.connect() as connection:
+            row = connection.execute(
+                select(suppressions).where(suppressions.c.address == _key(address))
+            ).first()
+        return dict(row._mapping) if row else None
 
     # The activity log
 

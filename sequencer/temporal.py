@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,13 @@ from temporalio.service import RPCError, RPCStatusCode
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+from activities.account_slots import AccountSlotActivities
 from sequencer.models import SEARCH_ATTRIBUTES
 from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.sender_account import SenderAccountWorkflow
+
+# How often a disconnected sender account is checked, unless configured otherwise.
+DEFAULT_ACCOUNT_CHECK_INTERVAL = timedelta(minutes=15)
 
 CORE_LOGGER = logging.getLogger("temporalio.core")
 
@@ -112,21 +118,49 @@ def workflow_runner() -> SandboxedWorkflowRunner:
 
 
 def lead_worker(
-    client: Client, task_queue: str, activities: Sequence[Callable[..., Any]], **options: Any
+    client: Client,
+    task_queue: str,
+    activities: Sequence[Callable[..., Any]],
+    account_check_interval: timedelta | None = DEFAULT_ACCOUNT_CHECK_INTERVAL,
+    end_accounts: bool = False,
+    **options: Any,
 ) -> Worker:
-    """Build a worker for the lead workflow with the given channel and record activities.
+    """Build a worker for the lead and sender-account workflows, with the given activities.
 
     The worker process, `simulate` and the tests all build their workers here, so each runs
-    the workflow in the same sandbox. `options` go to `Worker` as they are.
+    the workflows in the same sandbox. The activities that book sending slots are added here;
+    `account_check_interval` is how often a disconnected account is checked (None: never).
+    With `end_accounts`, leaving the worker's `async with` block terminates the account
+    workflows its leads used: for task queues thrown away afterwards, such as a what-if run
+    on the time-skipping server, where a workflow left running stops time from skipping.
+    `options` go to `Worker` as they are.
     """
-    return Worker(
+    slots = AccountSlotActivities(client, check_interval=account_check_interval)
+    return LeadWorker(
+        slots if end_accounts else None,
         client,
         task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow],
-        activities=activities,
+        workflows=[LeadSequenceWorkflow, SenderAccountWorkflow],
+        activities=[*activities, slots.reserve_slot, slots.report_account_problem],
         workflow_runner=workflow_runner(),
         **options,
     )
+
+
+class LeadWorker(Worker):
+    def __init__(self, slots: AccountSlotActivities | None, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = slots
+
+    @property
+    def accounts(self) -> AccountSlotActivities | None:
+        """The slot activities, whose account workflows end with the worker (`end_accounts`)."""
+        return self._slots
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if self._slots is not None:
+            await self._slots.end_accounts()
+        await super().__aexit__(*exc_info)
 
 
 def exit_without_teardown(code: int) -> None:

@@ -9,7 +9,10 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from sequencer.channels import EnrollmentStatus, StepStatus, StepType
+from sequencer.schedule import SendingSchedule
 from workflows.lead_machine import (
+    Applied,
+    AwaitInvitation,
     AwaitTask,
     Execute,
     Finished,
@@ -18,6 +21,7 @@ from workflows.lead_machine import (
     PlannedStep,
     Sleep,
 )
+from workflows.sender_account import Slot, SlotBook
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -287,3 +291,131 @@ def test_machine_never_imports_temporalio():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
     assert output.strip() == "False"
+
+
+# Interruptions: invitations, pauses, schedules, starting again
+
+INVITE_PLAN = [
+    (StepType.LINKEDIN_INVITE, DAY),
+    (StepType.LINKEDIN_MESSAGE, DAY),
+    (StepType.EMAIL, timedelta(0)),
+]
+
+
+def invited(timeout: timedelta = 14 * DAY) -> LeadSequence:
+    sequence = LeadSequence(
+        [PlannedStep(n, kind, wait) for n, (kind, wait) in enumerate(INVITE_PLAN, start=1)],
+        invite_timeout=timeout,
+    )
+    sequence.begin(T0)
+    assert sequence.start_step(1, T0)
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    assert not sequence.start_step(2, T0 + DAY)
+    assert sequence.step(2).status == StepStatus.WAITING
+    return sequence
+
+
+def test_acceptance_in_the_same_instant_as_the_timeout_counts():
+    sequence = invited(timeout=2 * DAY)
+    deadline = T0 + 2 * DAY
+    assert isinstance(sequence.next_action(deadline - timedelta(seconds=1)), AwaitInvitation)
+    # Both arrive at the deadline; the workflow applies the event first.
+    assert isinstance(sequence.invitation_answered(True, deadline), Applied)
+    assert sequence.next_action(deadline) == Execute(2)
+    assert sequence.start_step(2, deadline)
+    sequence.record_outcome(2, StepStatus.SENT, deadline)
+    assert sequence.next_action(deadline) == Sleep(deadline + DAY, 3)
+
+
+def test_acceptance_after_the_timeout_is_refused():
+    sequence = invited(timeout=2 * DAY)
+    late = T0 + 2 * DAY + timedelta(seconds=1)
+    # The timer fired first: the message fails, and a late acceptance changes nothing.
+    assert sequence.next_action(late) == Execute(2)
+    assert not sequence.start_step(2, late)
+    assert sequence.step(2).reason == "invite_not_accepted"
+    assert isinstance(sequence.invitation_answered(True, late), Ignored)
+    assert sequence.step(3).status == StepStatus.PENDING
+    assert sequence.next_action(late) == Execute(3)
+
+
+def test_late_failure_of_the_invitation_skips_the_waiting_message():
+    sequence = invited()
+    sequence.late_failure(1, "provider_rejected", T0 + 2 * DAY)
+    assert sequence.step(2).status == StepStatus.SKIPPED
+    assert sequence.next_action(T0 + 2 * DAY) == Execute(3)
+
+
+def test_operator_pause_outranks_an_account_pause():
+    sequence = machine([(StepType.EMAIL, DAY), (StepType.EMAIL, timedelta(0))])
+    sequence.hold(T0, "inbox disconnected", "account")
+    assert sequence.check_resume() is not None
+    sequence.hold(T0 + DAY, "holiday", "operator")
+    assert sequence.paused_by == "operator"
+    assert sequence.check_resume() is None
+    assert sequence.check_pause() == "the enrollment is already paused by an operator"
+    sequence.release(T0 + 2 * DAY)
+    assert sequence.next_action(T0 + 2 * DAY) == Execute(1)
+
+
+def test_removal_skips_what_is_left_and_ends():
+    sequence = machine([(StepType.EMAIL, DAY), (StepType.EMAIL, timedelta(0))])
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    assert isinstance(sequence.remove_lead(T0 + DAY / 2), Applied)
+    assert sequence.status == EnrollmentStatus.REMOVED
+    assert sequence.step(2).reason == "removed"
+    assert isinstance(sequence.remove_lead(T0 + DAY), Ignored)
+    assert sequence.check_pause() == "the enrollment has already ended as removed"
+
+
+def test_schedule_moves_each_send_into_the_window_across_a_dst_change():
+    schedule = SendingSchedule(timezone="Europe/Paris", days="mon-fri", start="09:00", end="17:00")
+    plan = [PlannedStep(n, StepType.EMAIL, 13 * timedelta(hours=1)) for n in range(1, 9)]
+    sequence = LeadSequence(plan, schedule=schedule)
+    # Friday 27 March 2026, 16:30 in Paris; the clocks move forward on Sunday 29 March.
+    now = datetime(2026, 3, 27, 15, 30, tzinfo=UTC)
+    sequence.begin(now)
+    sends = []
+    while not sequence.has_ended:
+        action = sequence.next_action(now)
+        if isinstance(action, Sleep):
+            now = action.until
+            continue
+        assert isinstance(action, Execute)
+        assert sequence.start_step(action.step, now)
+        sends.append(now)
+        sequence.record_outcome(action.step, StepStatus.SENT, now)
+    assert all(schedule.allows(at) for at in sends)
+    assert sends == sorted(set(sends))
+    # Monday 30 March opens at 09:00 CEST, 07:00 UTC: one hour earlier in UTC than before.
+    assert sends[1] == datetime(2026, 3, 30, 7, 0, tzinfo=UTC)
+
+
+def test_begin_again_resumes_from_the_first_step_never_executed():
+    sequence = machine([(StepType.EMAIL, DAY)] * 3)
+    sequence.record_outcome(1, StepStatus.BOUNCED, T0, "bounce")
+    assert sequence.status == EnrollmentStatus.STOPPED
+    again = LeadSequence(sequence.plan)
+    again.seq_offset = len(sequence.log)
+    first = again.begin_again(sequence.steps, T0, T0 + 5 * DAY)
+    assert first == 2
+    assert [s.status for s in again.steps] == [
+        StepStatus.BOUNCED,
+        StepStatus.PENDING,
+        StepStatus.PENDING,
+    ]
+    assert again.next_action(T0 + 5 * DAY) == Execute(2)
+    assert again.log[0].seq == len(sequence.log) + 1
+
+
+def test_slot_book_keeps_every_window_within_the_cap():
+    book = SlotBook([])
+    times = []
+    for number in range(30):
+        now = T0 + number * timedelta(hours=1)
+        at, _ = book.next_free(now, "email", 7, timedelta(minutes=5))
+        book.book(Slot(at=at, kind="email", workflow_id=f"w{number}", step=1))
+        times.append(at)
+    times.sort()
+    assert all(b - a >= timedelta(minutes=5) for a, b in zip(times, times[1:], strict=False))
+    assert max(sum(1 for t in times if s <= t < s + DAY) for s in times) <= 7

@@ -12,6 +12,7 @@ from temporalio.worker import Replayer
 
 from sequencer.temporal import workflow_runner
 from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.sender_account import SenderAccountWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 
@@ -20,7 +21,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 async def test_history_replays(path):
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(
-        workflows=[LeadSequenceWorkflow],
+        workflows=[LeadSequenceWorkflow, SenderAccountWorkflow],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(),
     )

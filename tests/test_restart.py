@@ -72,7 +72,7 @@ def process_alive(pid: int) -> bool:
 def open_ports(ports: StackPorts) -> list[int]:
     return [
         port
-        for port in (ports.temporal, ports.ui, ports.smtp, ports.linkedin)
+        for port in (ports.temporal, ports.ui, ports.smtp, ports.linkedin, ports.webhooks)
         if port_accepts(port)
     ]
 

@@ -176,3 +176,39 @@ async def test_task_outcome_moves_on(time_skipping_env, outcome):
         # A skipped task contributes no wait: the next call is due at once.
         assert timeline(lead)[1] == (2, "sent", 2 * DAY)
     assert lead["status"] == "completed"
+
+
+async def test_simulated_pending_invitation_then_acceptance(time_skipping_env):
+    lead = await simulate(
+        time_skipping_env,
+        [step("linkedin_invite", "1d"), step("linkedin_message", "1d", message="Hi"), email()],
+        {"steps": {1: "invite_pending"}, "events": [{"after": "3d", "type": "invite_accepted"}]},
+    )
+    assert timeline(lead) == [(1, "sent", 0), (2, "sent", 3 * DAY), (3, "sent", 4 * DAY)]
+    assert lead["status"] == "completed"
+
+
+async def test_simulated_declined_invitation(time_skipping_env):
+    lead = await simulate(
+        time_skipping_env,
+        [step("linkedin_invite", "1d"), step("linkedin_message", "1d", message="Hi"), email()],
+        {"steps": {1: "invite_pending"}, "events": [{"after": "2d", "type": "invite_declined"}]},
+    )
+    assert timeline(lead) == [(1, "sent", 0), (2, "failed", 2 * DAY), (3, "sent", 2 * DAY)]
+    assert lead["steps"][1]["reason"] == "invite_not_accepted"
+
+
+async def test_simulated_account_outage_pauses_and_resumes(time_skipping_env):
+    lead = await simulate(
+        time_skipping_env,
+        [email("1d"), email()],
+        {
+            "events": [
+                {"after": "12h", "type": "account_disconnected", "account": "email"},
+                {"after": "3d", "type": "account_reconnected", "account": "email"},
+            ]
+        },
+    )
+    # Step 2 fell due at 1d while the inbox was disconnected, and ran when it came back.
+    assert timeline(lead) == [(1, "sent", 0), (2, "sent", 3 * DAY)]
+    assert lead["status"] == "completed"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import timedelta
 from dataclasses import replace
 from pathlib import Path
 
@@ -38,6 +39,7 @@ async def sequencer(time_skipping_env, tmp_path, monkeypatch):
             records.create_task,
             records.record_activity,
         ],
+        end_accounts=True,
     ):
         yield service
         # Let every workflow end while this worker still runs. A workflow left running, or
@@ -148,3 +150,84 @@ async def test_failure_of_unsent_step_rejected(sequencer, tmp_path, time_skippin
         await sequencer.report_failure("unsent", "ann@example.com", 2, "bounce", True)
     message = await sequencer.report_failure("unsent", "ann@example.com", 1, "bounce", True)
     assert message == "ann@example.com: step 1 marked bounced"
+
+
+async def test_pause_resume_remove_lead(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "controls", [{**EMAIL, "wait_after": "3d"}, EMAIL])
+    await sequencer.launch(campaign, leads)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity("controls", "ann@example.com").steps[0].status.value == "sent",
+        "step 1 is sent",
+    )
+    paused = await sequencer.control("controls", "ann@example.com", "pause", "holiday")
+    assert paused.startswith("ann@example.com: paused")
+    with pytest.raises(ServiceError, match="already paused by an operator; nothing changed"):
+        await sequencer.control("controls", "ann@example.com", "pause")
+    assert sequencer.enrollments("controls")[0].status == "paused"
+    await sequencer.control("controls", "ann@example.com", "resume")
+    with pytest.raises(ServiceError, match="is not paused; nothing changed"):
+        await sequencer.control("controls", "ann@example.com", "resume")
+    await sequencer.control("controls", "ann@example.com", "remove")
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("controls")[0].status == "removed",
+        "the lead is removed",
+    )
+    with pytest.raises(ServiceError, match="already ended as removed; nothing changed"):
+        await sequencer.control("controls", "ann@example.com", "pause")
+    with pytest.raises(ServiceError, match="'nobody@example.com' is not enrolled"):
+        await sequencer.control("controls", "nobody@example.com", "pause")
+    log = [e.status for e in sequencer.activity("controls", "ann@example.com").log]
+    assert log.count("paused") == 1
+    assert log.count("resumed") == 1
+    assert log[-1] == "ended"
+
+
+async def test_resubscribe_resumes_bounced_enrollment(sequencer, tmp_path, time_skipping_env):
+    steps = [{**EMAIL, "wait_after": "1d"}, {**EMAIL, "wait_after": "1d"}, EMAIL]
+    campaign, leads = write(tmp_path, "again", steps)
+    await sequencer.launch(campaign, leads)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity("again", "ann@example.com").steps[0].status.value == "sent",
+        "step 1 is sent",
+    )
+    await sequencer.report_failure("again", "ann@example.com", 1, "bounce", True)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("again")[0].status == "stopped",
+        "the bounce stops the enrollment",
+    )
+    with pytest.raises(ServiceError, match="already unsubscribed"):
+        await sequencer.unsubscribe("ann@example.com")
+    lines = await sequencer.resubscribe("ANN@example.com", resume=True)
+    assert lines[0].startswith("ann@example.com re-subscribed")
+    assert "again: ann@example.com: resumed from step 2 (email)" in lines
+    for _ in range(5):
+        if sequencer.enrollments("again")[0].status == "completed":
+            break
+        await time_skipping_env.sleep(timedelta(days=1))
+    assert sequencer.enrollments("again")[0].status == "completed"
+    report = sequencer.activity("again", "ann@example.com")
+    assert [s.status.value for s in report.steps] == ["bounced", "sent", "sent"]
+    assert report.enrollment.unsubscribed is False
+    events = [e.status for e in report.log if e.kind == "event"]
+    assert events.index("resubscribed") < events.index("resumed")
+    # The new run's entries follow the first run's, so none was dropped as a duplicate.
+    assert [e.status for e in report.log].count("skipped") == 2
+    with pytest.raises(ServiceError, match="is not unsubscribed; nothing changed"):
+        await sequencer.resubscribe("ann@example.com")
+
+
+async def test_unsubscribe_reaches_running_enrollment(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "unsub", [{**EMAIL, "wait_after": "2d"}, EMAIL])
+    await sequencer.launch(campaign, leads)
+    with pytest.raises(ServiceError, match="invalid email address 'not-an-address'"):
+        await sequencer.unsubscribe("not-an-address")
+    lines = await sequencer.unsubscribe("ann@example.com")
+    assert lines[1] == "unsub: ann@example.com: recorded in the running enrollment"
+    report = sequencer.activity("unsub", "ann@example.com")
+    assert report.enrollment.unsubscribed is True
+    assert "unsubscribed" in [e.status for e in report.log]
+    await sequencer.control("unsub", "ann@example.com", "remove")

@@ -186,6 +186,8 @@ class StackProcess:
                     str(ports.smtp),
                     "--linkedin-port",
                     str(ports.linkedin),
+                    "--webhook-port",
+                    str(ports.webhooks),
                 ],
                 cwd=home,
                 env=cli_env(home),

@@ -11,6 +11,7 @@ from temporalio import activity
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
+from activities.accounts import AccountCheck, AccountCheckInput
 from activities.records import StoreActivities
 from sequencer.campaign import parse_campaign
 from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE, TRANSIENT_ERROR_TYPE
@@ -56,6 +57,7 @@ class FlakyChannels:
         self.email_error = email_error
         self.failures = failures
         self.email_attempts = 0
+        self.checks = 0
         self.recorded: list[RecordInput] = []
 
     @activity.defn(name="send_email")
@@ -79,6 +81,12 @@ class FlakyChannels:
         self.recorded.append(record)
         return len(record.entries)
 
+    @activity.defn(name="check_account")
+    async def check_account(self, input: AccountCheckInput) -> AccountCheck:
+        """The account's health check: it works again once the injected failures are spent."""
+        self.checks += 1
+        return AccountCheck(ok=self.email_attempts >= self.failures, detail="checked")
+
 
 async def run(env, channels, campaign=CAMPAIGN, activities=None) -> EnrollmentResult:
     task_queue = f"faults-{uuid.uuid4()}"
@@ -91,7 +99,9 @@ async def run(env, channels, campaign=CAMPAIGN, activities=None) -> EnrollmentRe
             channels.linkedin_step,
             channels.create_task,
             channels.record_activity,
+            channels.check_account,
         ],
+        end_accounts=True,
     ):
         return await env.client.execute_workflow(
             LeadSequenceWorkflow.run,
@@ -133,7 +143,9 @@ async def test_account_interruption_pauses_then_retries(time_skipping_env):
     events = [e.status for r in channels.recorded for e in r.entries if e.kind == "event"]
     assert events.index("paused") < events.index("resumed")
     step_1 = result.steps[0]
-    # The step ran again after the retry interval, and the lead was never failed for it.
+    assert channels.checks == 1
+    # The account's health check found it working 15 minutes later, so the step ran again
+    # then, and the lead was never failed for it.
     # Durations measured in workflow time include the few milliseconds each activity takes.
     assert timedelta(minutes=15) <= step_1.at - result.enrolled_at < timedelta(minutes=16)
 
@@ -166,6 +178,7 @@ async def test_task_step_with_database(time_skipping_env, tmp_path):
             records.create_task,
             records.record_activity,
         ],
+        end_accounts=True,
     ):
         handle: WorkflowHandle = await time_skipping_env.client.start_workflow(
             LeadSequenceWorkflow.run,
@@ -214,6 +227,7 @@ async def test_failure_update_reports_result(time_skipping_env):
             channels.create_task,
             channels.record_activity,
         ],
+        end_accounts=True,
     ):
         handle = await time_skipping_env.client.start_workflow(
             LeadSequenceWorkflow.run,

@@ -14,14 +14,24 @@ Rules implemented (the numbers of the sequencing rules):
   remaining step due at once. A bounce also unsubscribes. With nothing left, the enrollment is
   `stopped`. A failure reported late is applied when it arrives, or only recorded once the
   enrollment has ended.
+- 3: with a sending schedule, a step that falls due outside the window runs at the next
+  opening. Waits count in calendar time; only the moment of execution moves.
+- 8: an interrupted sender account (disconnected, or its daily cap reached) pauses the
+  enrollment with its remaining wait frozen; the workflow resumes it.
+- 9: a `linkedin_message` step that falls due while the lead's invitation is pending waits for
+  the answer. Declined, or not accepted within `invite_timeout` of the invitation, fails it
+  with `invite_not_accepted`. An acceptance at the deadline's very instant still counts.
 - 10: calls and manual tasks wait for a person's outcome, and the next wait counts from it.
 - 11: a reply (not an auto-reply) skips everything left and ends the enrollment as `replied`.
+- 12: an operator pauses, resumes or removes the enrollment. The `check_*` methods say why an
+  operator action does not apply, so that the workflow can refuse it before it is recorded.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Literal, Protocol
 
 from transitions import Machine, MachineError
 
@@ -68,6 +78,24 @@ STEP_MOVES: dict[StepStatus, frozenset[StepStatus]] = {
 }
 
 
+DEFAULT_INVITE_TIMEOUT = timedelta(days=14)
+
+# Who paused an enrollment. An operator's pause outranks the others: only an operator resumes it.
+PausedBy = Literal["operator", "account", "cap"]
+# What a waiting step waits for.
+WaitingFor = Literal["task", "invitation"]
+# The lead's LinkedIn invitation, from the last `linkedin_invite` step sent.
+InvitationState = Literal["none", "pending", "accepted", "declined"]
+
+
+class Schedule(Protocol):
+    """A sending window, as `sequencer.schedule.SendingSchedule` implements it."""
+
+    def allows(self, instant: datetime) -> bool: ...
+
+    def next_opening(self, instant: datetime) -> datetime: ...
+
+
 @dataclass(frozen=True)
 class PlannedStep:
     """One step of the campaign as the machine needs it: no templates, no addresses."""
@@ -99,6 +127,12 @@ class AwaitTask:
 
 
 @dataclass(frozen=True)
+class AwaitInvitation:
+    step: int
+    deadline: datetime
+
+
+@dataclass(frozen=True)
 class AwaitResume:
     reason: str | None
 
@@ -108,7 +142,7 @@ class Finished:
     status: EnrollmentStatus
 
 
-Action = Execute | Sleep | AwaitTask | AwaitResume | Finished
+Action = Execute | Sleep | AwaitTask | AwaitInvitation | AwaitResume | Finished
 
 
 @dataclass(frozen=True)
@@ -135,20 +169,35 @@ class LeadSequence:
 
     state: str
 
-    def __init__(self, plan: list[PlannedStep]) -> None:
+    def __init__(
+        self,
+        plan: list[PlannedStep],
+        schedule: Schedule | None = None,
+        invite_timeout: timedelta = DEFAULT_INVITE_TIMEOUT,
+    ) -> None:
         if not plan:
             raise ValueError("a campaign needs at least one step")
         self.plan = plan
+        self.schedule = schedule
+        self.invite_timeout = invite_timeout
         self.steps = [
             StepState(step=p.number, type=p.type.value, channel=p.channel.value) for p in plan
         ]
         self.enrolled_at: datetime | None = None
         self.next_due: datetime | None = None
         self.waiting_step: int | None = None
+        self.waiting_for: WaitingFor | None = None
+        self.invitation: InvitationState = "none"
+        self.invited_at: datetime | None = None
         self.unsubscribed = False
         self.pause_reason: str | None = None
+        self.paused_by: PausedBy | None = None
         self.paused_remaining: timedelta | None = None
         self.log: list[LogEntry] = []
+        # Log sequence numbers continue those of an earlier run of the same enrollment.
+        self.seq_offset = 0
+        # Histories recorded before rule 9 existed never waited for an invitation.
+        self.gate_invitations = True
         self._flushed = 0
         self.machine = Machine(
             model=self,
@@ -181,6 +230,30 @@ class LeadSequence:
         sequence.machine.set_state(status.value)
         return sequence
 
+    def begin_again(
+        self, steps: list[StepState], enrolled_at: datetime | None, now: datetime
+    ) -> int:
+        """Start again an enrollment that ended, from its first step never executed (rule 12).
+
+        Executed steps keep their status; skipped and pending ones are pending again. Returns
+        the number of the step that runs next.
+        """
+        executed = (StepStatus.SENT, StepStatus.FAILED, StepStatus.BOUNCED)
+        self.steps = [
+            step.model_copy()
+            if step.status in executed
+            else StepState(step=step.step, type=step.type, channel=step.channel)
+            for step in steps
+        ]
+        first = self.next_pending()
+        if first is None:
+            raise ValueError("every step of this enrollment was executed: nothing to resume")
+        self.start()
+        self.enrolled_at = enrolled_at or now
+        self.next_due = self._schedule(now)
+        self._event(now, "resumed", detail=f"from step {first.step}")
+        return first.step
+
     # Reading the state
 
     @property
@@ -192,6 +265,12 @@ class LeadSequence:
     @property
     def has_ended(self) -> bool:
         return self.state in FINAL_STATUSES
+
+    @property
+    def invite_deadline(self) -> datetime | None:
+        if self.invited_at is None:
+            return None
+        return self.invited_at + self.invite_timeout
 
     def step(self, number: int) -> StepState:
         if not 1 <= number <= len(self.steps):
@@ -208,19 +287,29 @@ class LeadSequence:
         return entries
 
     def next_action(self, now: datetime) -> Action:
-        """Decide what the workflow does next: execute, sleep, wait for a person, or stop."""
+        """Decide what the workflow does next: execute, sleep, wait, or stop."""
         if self.has_ended:
             return Finished(self.status)
         if self.state == "paused":
             return AwaitResume(self.pause_reason)
-        if self.waiting_step is not None:
+        if self.waiting_for == "task" and self.waiting_step is not None:
             return AwaitTask(self.waiting_step)
-        step = self.next_pending()
-        if step is None or self.next_due is None:
-            raise RuntimeError("a running enrollment must have a next step")
-        if now >= self.next_due:
-            return Execute(step.step)
-        return Sleep(self.next_due, step.step)
+        if self.waiting_for == "invitation" and self.waiting_step is not None:
+            deadline = self.invite_deadline
+            if self.invitation == "pending" and deadline is not None and now < deadline:
+                return AwaitInvitation(self.waiting_step, deadline)
+            number = self.waiting_step
+        else:
+            step = self.next_pending()
+            if step is None or self.next_due is None:
+                raise RuntimeError("a running enrollment must have a next step")
+            if now < self.next_due:
+                return Sleep(self.next_due, step.step)
+            number = step.step
+        opening = self._opening(now)
+        if opening > now:
+            return Sleep(opening, number)
+        return Execute(number)
 
     # Lifecycle
 
@@ -231,6 +320,33 @@ class LeadSequence:
         self.next_due = self._schedule(now)
         self._event(now, "enrolled")
 
+    def start_step(self, number: int, now: datetime) -> bool:
+        """Decide whether the channel runs a step that is due; return False when it must not.
+
+        A `linkedin_message` step needs an accepted invitation (rule 9): while the invitation
+        is pending the step waits, and once it is declined or too old the step fails.
+        """
+        step = self.step(number)
+        if (
+            not self.gate_invitations
+            or step.type != StepType.LINKEDIN_MESSAGE.value
+            or self.invitation in ("none", "accepted")
+        ):
+            return True
+        deadline = self.invite_deadline
+        if self.invitation == "declined":
+            self._fail(step, StepStatus.FAILED, now, Reason.INVITE_NOT_ACCEPTED, "declined")
+            return False
+        if deadline is not None and now >= deadline:
+            detail = f"not accepted within {_days(self.invite_timeout)}"
+            self._fail(step, StepStatus.FAILED, now, Reason.INVITE_NOT_ACCEPTED, detail)
+            return False
+        if step.status == StepStatus.PENDING:
+            self._set_status(step, StepStatus.WAITING, now, "invitation_pending", None)
+            self.waiting_step = number
+            self.waiting_for = "invitation"
+        return False
+
     def record_outcome(
         self,
         number: int,
@@ -238,15 +354,28 @@ class LeadSequence:
         now: datetime,
         reason: str | None = None,
         detail: str | None = None,
+        invitation: str | None = None,
     ) -> None:
-        """Apply the result of executing a step (the outcome a channel activity returned)."""
+        """Apply the result of executing a step (the outcome a channel activity returned).
+
+        `invitation` is "accepted" for an invitation to a lead who is already a connection.
+        """
         step = self.step(number)
+        if self.has_ended:
+            # Removed while the step ran: the outcome is recorded, and nothing follows it.
+            if status in STEP_MOVES[step.status]:
+                self._set_status(step, status, now, reason, detail)
+            return
         if status == StepStatus.SENT:
             self._set_status(step, StepStatus.SENT, now, reason, detail)
+            if step.type == StepType.LINKEDIN_INVITE.value:
+                self.invitation = "accepted" if invitation == "accepted" else "pending"
+                self.invited_at = now
             self._after_executed(number, now)
         elif status == StepStatus.WAITING:
             self._set_status(step, StepStatus.WAITING, now, reason, detail)
             self.waiting_step = number
+            self.waiting_for = "task"
         elif status in (StepStatus.FAILED, StepStatus.BOUNCED):
             self._fail(step, status, now, reason or "failed", detail)
         elif status == StepStatus.SKIPPED:
@@ -294,13 +423,54 @@ class LeadSequence:
             return f"step {number} is {step.status}, not sent: there is nothing to fail"
         return None
 
+    def invitation_answered(
+        self, accepted: bool, now: datetime, detail: str | None = None
+    ) -> EventResult:
+        """Apply the lead's answer to the LinkedIn invitation (rule 9)."""
+        problem = self.check_invitation()
+        if problem:
+            return Ignored(problem)
+        deadline = self.invite_deadline
+        waiting = self.waiting_for == "invitation" and self.waiting_step is not None
+        if accepted and deadline is not None and now > deadline and not self.has_ended:
+            # Too late: the message step fails when it falls due (or failed already).
+            self._event(now, "invite_accepted_late", detail=detail)
+            self.invitation = "declined"
+            if waiting:
+                self._continue_waiting_message(now)
+            return Ignored(
+                f"the invitation was accepted after the {_days(self.invite_timeout)} timeout"
+            )
+        self.invitation = "accepted" if accepted else "declined"
+        self._event(now, "invite_accepted" if accepted else "invite_declined", detail=detail)
+        if waiting:
+            self._continue_waiting_message(now)
+        return Applied(f"invitation {'accepted' if accepted else 'declined'}")
+
+    def check_invitation(self) -> str | None:
+        """Return why an invitation answer does not apply, or None when it does."""
+        if self.invitation == "none":
+            return "no LinkedIn invitation was sent to this lead"
+        if self.invitation != "pending":
+            return f"the invitation is already {self.invitation}"
+        return None
+
+    def _continue_waiting_message(self, now: datetime) -> None:
+        number = self.waiting_step
+        assert number is not None
+        if self.invitation == "accepted":
+            # The message is sent now (within the sending schedule) by `next_action`.
+            self.next_due = self._schedule(now)
+            return
+        self.start_step(number, now)
+
     def task_outcome(
         self, number: int, outcome: str, now: datetime, reason: str | None = None
     ) -> EventResult:
         """Apply a person's outcome for a call or manual task (rule 10)."""
         if self.has_ended:
             return Ignored(f"the enrollment has already ended as {self.status}")
-        if self.waiting_step != number:
+        if self.waiting_step != number or self.waiting_for != "task":
             if 1 <= number <= len(self.steps):
                 current = self.step(number).status
                 return Ignored(f"step {number} is {current}, not waiting for a person")
@@ -315,7 +485,7 @@ class LeadSequence:
             self._fail(step, StepStatus.FAILED, now, reason or "task_failed", None)
         elif outcome == "skipped":
             self._set_status(step, StepStatus.SKIPPED, now, Reason.TASK_SKIPPED, reason)
-            self.waiting_step = None
+            self._clear_waiting()
             self._continue_or_end(now, failed=False)
         else:
             return Ignored(f"unknown task outcome {outcome!r}: use done, failed or skipped")
@@ -332,39 +502,111 @@ class LeadSequence:
             self._event(now, "reply_after_end", detail=channel)
             return Ignored(f"the enrollment had already ended as {self.status}")
         self.reply()
-        for step in self.steps:
-            if step.status in (StepStatus.PENDING, StepStatus.WAITING):
-                self._set_status(step, StepStatus.SKIPPED, now, Reason.REPLIED, None)
-        self.waiting_step = None
-        self.next_due = None
+        self._end_remaining(now, Reason.REPLIED)
         self._event(now, "replied", detail=channel)
         self._event(now, "ended", reason=EnrollmentStatus.REPLIED.value)
         return Applied("the lead replied")
 
-    def hold(self, now: datetime, reason: str) -> None:
-        """Pause the enrollment with its remaining wait frozen."""
+    # Pauses (rules 8 and 12)
+
+    def hold(
+        self, now: datetime, reason: str, by: PausedBy = "operator", detail: str | None = None
+    ) -> None:
+        """Pause the enrollment with its remaining wait frozen.
+
+        An operator may pause an enrollment that an account problem paused already: it then
+        stays paused until the operator resumes it.
+        """
+        if self.state == "paused":
+            if by != "operator" or self.paused_by == "operator":
+                raise MachineError(f"the enrollment is already paused ({self.pause_reason})")
+            self.paused_by = by
+            self.pause_reason = reason
+            self._event(now, "paused", reason=reason, detail=detail or by)
+            return
         if self.state != "running":
             raise MachineError(f"cannot pause an enrollment that is {self.status}")
         self.pause()
         self.pause_reason = reason
+        self.paused_by = by
         self.paused_remaining = max(self.next_due - now, timedelta(0)) if self.next_due else None
-        self._event(now, "paused", reason=reason)
+        self._event(now, "paused", reason=reason, detail=detail or by)
 
-    def release(self, now: datetime) -> None:
+    def release(self, now: datetime, detail: str | None = None) -> None:
         """Resume a paused enrollment with the wait it had left."""
         self.resume()
         if self.paused_remaining is not None:
-            self.next_due = now + self.paused_remaining
+            self.next_due = self._schedule(now + self.paused_remaining)
         self.paused_remaining = None
         self.pause_reason = None
-        self._event(now, "resumed")
+        self.paused_by = None
+        self._event(now, "resumed", detail=detail)
+
+    def check_pause(self) -> str | None:
+        if self.has_ended:
+            return f"the enrollment has already ended as {self.status}"
+        if self.state == "paused" and self.paused_by == "operator":
+            return "the enrollment is already paused by an operator"
+        return None
+
+    def check_resume(self) -> str | None:
+        if self.has_ended:
+            return f"the enrollment has already ended as {self.status}"
+        if self.state != "paused":
+            return "the enrollment is not paused"
+        if self.paused_by != "operator":
+            return (
+                f"the enrollment is paused because {self.pause_reason}; it resumes by itself "
+                "once the account works again, or reassign it to another sender"
+            )
+        return None
+
+    def check_remove(self) -> str | None:
+        if self.has_ended:
+            return f"the enrollment has already ended as {self.status}"
+        return None
+
+    def remove_lead(self, now: datetime, detail: str | None = None) -> EventResult:
+        """End the enrollment as `removed`: every step not executed yet is skipped."""
+        problem = self.check_remove()
+        if problem:
+            return Ignored(problem)
+        self.remove()
+        self._end_remaining(now, "removed")
+        self.paused_remaining = None
+        self._event(now, "ended", reason=EnrollmentStatus.REMOVED.value, detail=detail)
+        return Applied("the lead was removed from the campaign")
+
+    def note(self, now: datetime, name: str, detail: str | None = None) -> None:
+        """Record an event that changes no step, such as a reassignment."""
+        self._event(now, name, detail=detail)
+
+    def delay_start(self, until: datetime, now: datetime, reason: str) -> None:
+        """Hold step 1 back until `until`, such as the campaign's next free start of the day."""
+        self.next_due = self._schedule(until)
+        self._event(now, "waiting", reason=reason, detail=f"until {until.isoformat()}")
+
+    def mark_unsubscribed(self, now: datetime, reason: str) -> EventResult:
+        if self.unsubscribed:
+            return Ignored("the address is already unsubscribed")
+        self.unsubscribed = True
+        self._event(now, "unsubscribed", reason=reason)
+        return Applied("unsubscribed")
+
+    def mark_resubscribed(self, now: datetime) -> EventResult:
+        if not self.unsubscribed:
+            return Ignored("the address is not unsubscribed")
+        self.unsubscribed = False
+        self._event(now, "resubscribed")
+        return Applied("re-subscribed")
 
     # Decisions
 
     def _after_executed(self, number: int, now: datetime) -> None:
         """Schedule the next step `wait_after` of the executed step later (rule 2)."""
-        self.waiting_step = None if self.waiting_step == number else self.waiting_step
-        self.next_due = self._schedule(now + self.plan[number - 1].wait_after)
+        if self.waiting_step == number:
+            self._clear_waiting()
+        self._set_due(self._schedule(now + self.plan[number - 1].wait_after), now)
         self._continue_or_end(now, failed=False, keep_due=True)
 
     def _fail(
@@ -373,13 +615,21 @@ class LeadSequence:
         """Apply the failed-step rule (rule 4), and unsubscribe on a bounce (rule 5)."""
         self._set_status(step, status, now, reason, detail)
         if self.waiting_step == step.step:
-            self.waiting_step = None
+            self._clear_waiting()
         if status == StepStatus.BOUNCED:
             self._unsubscribe(now, step.step)
         cause = f"step {step.step} {status}"
         for other in self.steps:
-            if other.channel == step.channel and other.status == StepStatus.PENDING:
+            if other.channel != step.channel:
+                continue
+            if other.status == StepStatus.PENDING or (
+                other.status == StepStatus.WAITING and self.waiting_for == "invitation"
+            ):
                 self._set_status(other, StepStatus.SKIPPED, now, cause, reason)
+                if self.waiting_step == other.step:
+                    self._clear_waiting()
+        if step.type == StepType.LINKEDIN_INVITE.value:
+            self.invitation = "none"
         self._continue_or_end(now, failed=True)
 
     def _skip_channel(
@@ -388,6 +638,8 @@ class LeadSequence:
         """Skip a step the channel cannot carry out, such as an email to an unsubscribed address,
         and the channel's remaining steps with it. It is not a failure of the lead."""
         self._set_status(step, StepStatus.SKIPPED, now, reason, detail)
+        if self.waiting_step == step.step:
+            self._clear_waiting()
         for other in self.steps:
             if other.channel == step.channel and other.status == StepStatus.PENDING:
                 self._set_status(
@@ -399,12 +651,13 @@ class LeadSequence:
         """End the enrollment when no step is left, else make the next step due.
 
         After a failure or a skip the next step is due at once, because the waits that led up
-        to it are dropped (rule 4). A step still waiting for a person keeps its place.
+        to it are dropped (rule 4). A step still waiting keeps its place.
         """
         if self.waiting_step is not None:
             return
         if self.next_pending() is None:
             self.next_due = None
+            self.paused_remaining = None
             status = EnrollmentStatus.STOPPED if failed else EnrollmentStatus.COMPLETED
             if status == EnrollmentStatus.STOPPED:
                 self.stop()
@@ -413,14 +666,30 @@ class LeadSequence:
             self._event(now, "ended", reason=status.value)
             return
         if not keep_due:
-            self.next_due = self._schedule(now)
-            if self.state == "paused":
-                self.paused_remaining = timedelta(0)
+            self._set_due(self._schedule(now), now)
+
+    def _set_due(self, due: datetime, now: datetime) -> None:
+        self.next_due = due
+        if self.state == "paused":
+            self.paused_remaining = max(due - now, timedelta(0))
+
+    def _clear_waiting(self) -> None:
+        self.waiting_step = None
+        self.waiting_for = None
+
+    def _end_remaining(self, now: datetime, reason: str) -> None:
+        for step in self.steps:
+            if step.status in (StepStatus.PENDING, StepStatus.WAITING):
+                self._set_status(step, StepStatus.SKIPPED, now, reason, None)
+        self._clear_waiting()
+        self.next_due = None
 
     def _schedule(self, due: datetime) -> datetime:
-        # NOTE: sending schedules (a weekly window in the lead's timezone) are not applied yet:
-        # a step runs at the moment it falls due.
-        return due
+        """Move a due time into the sending window (rule 3)."""
+        return self.schedule.next_opening(due) if self.schedule else due
+
+    def _opening(self, now: datetime) -> datetime:
+        return self.schedule.next_opening(now) if self.schedule else now
 
     # Recording
 
@@ -440,7 +709,7 @@ class LeadSequence:
         step.detail = detail
         self.log.append(
             LogEntry(
-                seq=len(self.log) + 1,
+                seq=self.seq_offset + len(self.log) + 1,
                 at=now,
                 kind="step",
                 status=status.value,
@@ -468,7 +737,7 @@ class LeadSequence:
         planned = self.plan[step - 1] if step else None
         self.log.append(
             LogEntry(
-                seq=len(self.log) + 1,
+                seq=self.seq_offset + len(self.log) + 1,
                 at=now,
                 kind="event",
                 status=name,
@@ -479,6 +748,14 @@ class LeadSequence:
                 detail=detail,
             )
         )
+
+
+def _days(delta: timedelta) -> str:
+    days = delta / timedelta(days=1)
+    if days == int(days):
+        return f"{int(days)} day" + ("" if days == 1 else "s")
+    hours = delta / timedelta(hours=1)
+    return f"{hours:g} hours"
 
 
 def plan_from_steps(steps: list) -> list[PlannedStep]:

@@ -7,13 +7,15 @@ channel activity, a durable timer that any event cuts short, or a wait for a per
 
 from __future__ import annotations
 
-from datetime import timedelta
+import asyncio
+from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
+    from sequencer.campaign import Sender
     from sequencer.channels import Channel, EnrollmentStatus, Reason, StepStatus
     from sequencer.durations import format_duration
     from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE
@@ -22,19 +24,31 @@ with workflow.unsafe.imports_passed_through():
         SEARCH_ATTRIBUTE_STAGE,
         SEARCH_ATTRIBUTE_STATUS,
         WORKFLOW_TYPE,
+        AccountProblem,
+        AccountReconnected,
+        AccountRef,
         EnrollmentInput,
         EnrollmentResult,
+        InvitationAnswer,
         LateFailure,
         LogEntry,
+        OperatorAction,
+        Reassignment,
         RecordInput,
         Reply,
+        SlotGrant,
+        SlotRequest,
         StepInput,
         StepOutcome,
+        SubscriptionChange,
         TaskOutcome,
     )
     from workflows.lead_machine import (
+        Applied,
+        AwaitInvitation,
         AwaitResume,
         AwaitTask,
+        EventResult,
         Execute,
         Finished,
         Ignored,
@@ -42,6 +56,18 @@ with workflow.unsafe.imports_passed_through():
         Sleep,
         plan_from_steps,
     )
+    from workflows.sender_account import account_workflow_id
+
+Event = (
+    LateFailure
+    | Reply
+    | TaskOutcome
+    | InvitationAnswer
+    | OperatorAction
+    | SubscriptionChange
+    | Reassignment
+    | AccountReconnected
+)
 
 CAMPAIGN_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_CAMPAIGN)
 STATUS_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATUS)
@@ -72,8 +98,20 @@ RECORD_RETRY = RetryPolicy(
 )
 # Patch id for recording an event's log entries before the next step runs.
 RECORD_EVENTS_FIRST = "record-events-first"
-# An interrupted sender account pauses the enrollment; the step is tried again after this long.
+# Histories from before this patch retried an interrupted account every ACCOUNT_RETRY_INTERVAL.
+# With it, a lead books a slot on its sender account before each send, pauses while the account
+# is disconnected or its cap is reached, and waits for LinkedIn invitations to be accepted.
+INTERRUPTIONS = "interruptions"
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
+SLOT_RETRY = RetryPolicy(
+    initial_interval=timedelta(seconds=1),
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=30,
+)
+# A booked slot not used within this long (the lead was paused meanwhile) is booked again.
+STALE_SLOT = timedelta(minutes=5)
+# Step types whose sends count against a sender account's limits.
+SLOT_KINDS = {"email", "linkedin_visit", "linkedin_invite", "linkedin_message"}
 
 
 @workflow.defn(name=WORKFLOW_TYPE)
@@ -81,10 +119,20 @@ class LeadSequenceWorkflow:
     @workflow.init
     def __init__(self, input: EnrollmentInput) -> None:
         self._input = input
-        self._machine = LeadSequence(plan_from_steps(input.campaign.steps))
+        campaign = input.campaign
+        schedule = getattr(campaign, "schedule", None)
+        if schedule is not None and input.lead.timezone:
+            schedule = schedule.in_timezone(input.lead.timezone)
+        self._machine = LeadSequence(
+            plan_from_steps(campaign.steps),
+            schedule=schedule,
+            invite_timeout=campaign.invite_timeout,
+        )
+        self._sender: Sender | None = campaign.sender
+        self._linkedin = campaign.linkedin
         # Events waiting for the main loop, each with a number so that an update can wait for
         # the result of its own event.
-        self._inbox: list[tuple[int, LateFailure | Reply | TaskOutcome]] = []
+        self._inbox: list[tuple[int, Event]] = []
         self._received = 0
         self._results: dict[int, str] = {}
         self._awaited: set[int] = set()
@@ -94,11 +142,26 @@ class LeadSequenceWorkflow:
         self._search_attributes: tuple[str, str] | None = None
         self._resume_at = None
         self._ignored: list[str] = []
+        self._interruptions = False
+        # The sending slot booked for a step, and the account a paused lead waits for.
+        self._slot: tuple[int, str, datetime] | None = None
+        self._account_wait: str | None = None
+        self._signals: list[asyncio.Task[None]] = []
 
     @workflow.run
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
         machine = self._machine
-        machine.begin(workflow.now())
+        self._interruptions = workflow.patched(INTERRUPTIONS)
+        machine.gate_invitations = self._interruptions
+        if input.resume_steps is not None:
+            machine.seq_offset = input.log_offset
+            first = machine.begin_again(
+                input.resume_steps, input.resume_enrolled_at, workflow.now()
+            )
+            workflow.logger.info("Resumed %s from step %d", workflow.info().workflow_id, first)
+        else:
+            machine.begin(workflow.now())
+            await self._start_budget()
         await self._record()
 
         while not machine.has_ended:
@@ -116,6 +179,8 @@ class LeadSequenceWorkflow:
             elif isinstance(action, AwaitTask):
                 self._publish(f"step {action.step}: waiting for a person")
                 await workflow.wait_condition(lambda: bool(self._inbox))
+            elif isinstance(action, AwaitInvitation):
+                await self._await_invitation(action)
             elif isinstance(action, AwaitResume):
                 await self._await_resume()
             await self._record()
@@ -131,6 +196,8 @@ class LeadSequenceWorkflow:
             )
             if not self._inbox:
                 break
+        self._forget_account()
+        await asyncio.gather(*self._signals)
         return EnrollmentResult(
             status=machine.status.value,
             unsubscribed=machine.unsubscribed,
@@ -140,7 +207,8 @@ class LeadSequenceWorkflow:
         )
 
     # What the world reports. Handlers queue; the main loop applies, so transitions happen in
-    # one place and in order.
+    # one place and in order. Updates are checked by a validator first: a refused update
+    # leaves no trace in the history, so a duplicate or mistaken request costs nothing.
 
     @workflow.signal
     def report_failure(self, failure: LateFailure) -> None:
@@ -154,26 +222,57 @@ class LeadSequenceWorkflow:
     def report_task(self, outcome: TaskOutcome) -> None:
         self._receive(outcome)
 
+    @workflow.signal
+    def account_reconnected(self, account_id: str) -> None:
+        """Sent by the sender account's workflow once the account works again."""
+        self._receive(AccountReconnected(account_id=account_id))
+
     @workflow.update
     async def apply_failure(self, failure: LateFailure) -> str:
         """Apply a late failure and return what it did, once the main loop has applied it."""
-        number = self._receive(failure)
-        self._awaited.add(number)
-        await workflow.wait_condition(lambda: number in self._results)
-        return self._results.pop(number)
+        return await self._apply_and_answer(failure)
 
     @apply_failure.validator
     def _validate_failure(self, failure: LateFailure) -> None:
-        # A rejected update leaves no trace in the history, so a duplicate or mistaken report
-        # costs nothing. The check runs again when the event is applied.
-        problem = self._machine.check_late_failure(failure.step, failure.bounced)
-        if problem:
-            raise ValueError(problem)
+        self._refuse(self._machine.check_late_failure(failure.step, failure.bounced))
 
-    def _receive(self, event: LateFailure | Reply | TaskOutcome) -> int:
-        self._received += 1
-        self._inbox.append((self._received, event))
-        return self._received
+    @workflow.update
+    async def answer_invitation(self, answer: InvitationAnswer) -> str:
+        """Apply the lead's acceptance or refusal of the LinkedIn invitation (rule 9)."""
+        return await self._apply_and_answer(answer)
+
+    @answer_invitation.validator
+    def _validate_invitation(self, answer: InvitationAnswer) -> None:
+        self._refuse(self._machine.check_invitation())
+
+    @workflow.update
+    async def control(self, action: OperatorAction) -> str:
+        """Pause, resume or remove the enrollment (rule 12)."""
+        return await self._apply_and_answer(action)
+
+    @control.validator
+    def _validate_control(self, action: OperatorAction) -> None:
+        self._refuse(self._check_control(action))
+
+    @workflow.update
+    async def change_subscription(self, change: SubscriptionChange) -> str:
+        """Record that the lead's address was unsubscribed or re-subscribed."""
+        return await self._apply_and_answer(change)
+
+    @change_subscription.validator
+    def _validate_subscription(self, change: SubscriptionChange) -> None:
+        if change.unsubscribed == self._machine.unsubscribed:
+            state = "unsubscribed" if change.unsubscribed else "subscribed"
+            self._refuse(f"the address is already {state}")
+
+    @workflow.update
+    async def reassign(self, reassignment: Reassignment) -> str:
+        """Move the enrollment to another sender account; a lead paused by its account resumes."""
+        return await self._apply_and_answer(reassignment)
+
+    @reassign.validator
+    def _validate_reassign(self, reassignment: Reassignment) -> None:
+        self._refuse(self._check_reassign(reassignment))
 
     @workflow.query
     def activity(self) -> EnrollmentResult:
@@ -186,26 +285,64 @@ class LeadSequenceWorkflow:
             ignored=list(self._ignored),
         )
 
+    def _receive(self, event: Event) -> int:
+        self._received += 1
+        self._inbox.append((self._received, event))
+        return self._received
+
+    async def _apply_and_answer(self, event: Event) -> str:
+        number = self._receive(event)
+        self._awaited.add(number)
+        await workflow.wait_condition(lambda: number in self._results)
+        return self._results.pop(number)
+
+    @staticmethod
+    def _refuse(problem: str | None) -> None:
+        if problem:
+            raise ValueError(problem)
+
+    def _check_control(self, action: OperatorAction) -> str | None:
+        machine = self._machine
+        if action.action == "pause":
+            return machine.check_pause()
+        if action.action == "resume":
+            return machine.check_resume()
+        return machine.check_remove()
+
+    def _check_reassign(self, reassignment: Reassignment) -> str | None:
+        if self._machine.has_ended:
+            return f"the enrollment has already ended as {self._machine.status}"
+        if reassignment.sender is None and reassignment.linkedin_account is None:
+            return "name the sender to move to: an email sender, a LinkedIn account, or both"
+        if reassignment.sender is not None and self._sender is not None:
+            if reassignment.sender.email == self._sender.email:
+                return f"the lead already sends from {self._sender.email}"
+        if reassignment.linkedin_account == self._linkedin.account:
+            return f"the lead already uses the LinkedIn account {self._linkedin.account}"
+        return None
+
     # Phases
 
-    def _apply_inbox(self) -> bool:
-        """Apply queued events to the machine; return whether there were any."""
-        applied = bool(self._inbox)
+    def _apply_inbox(self, controls_only: bool = False) -> bool:
+        """Apply queued events to the machine; return whether there were any.
+
+        While a step runs only pauses and resumes are applied: they change no step.
+        """
+        applied = False
         now = workflow.now()
-        while self._inbox:
-            number, event = self._inbox.pop(0)
-            if isinstance(event, LateFailure):
-                result = self._machine.late_failure(
-                    event.step, event.reason, now, bounced=event.bounced, detail=event.detail
-                )
-            elif isinstance(event, Reply):
-                result = self._machine.replied(now, event.channel, event.auto_reply)
-            else:
-                result = self._machine.task_outcome(event.step, event.outcome, now, event.reason)
+        for item in list(self._inbox):
+            number, event = item
+            if controls_only and not (
+                isinstance(event, OperatorAction) and event.action in ("pause", "resume")
+            ):
+                continue
+            self._inbox.remove(item)
+            applied = True
+            result = self._apply(event, now)
             if number in self._awaited:
                 self._awaited.discard(number)
                 self._answers[number] = result.message
-            if isinstance(result, Ignored):
+            if isinstance(result, Ignored) and not isinstance(event, AccountReconnected):
                 self._ignored.append(f"{_describe(event)}: {result.message}")
                 workflow.logger.warning(
                     "Ignored %s for %s: %s",
@@ -215,10 +352,91 @@ class LeadSequenceWorkflow:
                 )
         return applied
 
+    def _apply(self, event: Event, now) -> EventResult:
+        machine = self._machine
+        if isinstance(event, LateFailure):
+            return machine.late_failure(
+                event.step, event.reason, now, bounced=event.bounced, detail=event.detail
+            )
+        if isinstance(event, Reply):
+            return machine.replied(now, event.channel, event.auto_reply)
+        if isinstance(event, TaskOutcome):
+            return machine.task_outcome(event.step, event.outcome, now, event.reason)
+        if isinstance(event, InvitationAnswer):
+            return machine.invitation_answered(event.accepted, now, event.detail)
+        if isinstance(event, SubscriptionChange):
+            if event.unsubscribed:
+                return machine.mark_unsubscribed(now, event.reason or "operator")
+            return machine.mark_resubscribed(now)
+        if isinstance(event, OperatorAction):
+            return self._apply_control(event, now)
+        if isinstance(event, Reassignment):
+            return self._apply_reassignment(event, now)
+        # AccountReconnected
+        if machine.paused_by == "account" and self._account_wait == event.account_id:
+            self._account_wait = None
+            machine.release(now, f"{event.account_id} reconnected")
+            return Applied("resumed")
+        return Ignored(f"not waiting for {event.account_id}")
+
+    def _apply_control(self, action: OperatorAction, now) -> EventResult:
+        machine = self._machine
+        problem = self._check_control(action)
+        if problem:
+            return Ignored(problem)
+        if action.action == "pause":
+            machine.hold(now, action.note or "paused by an operator", "operator")
+            return Applied("paused; the remaining wait is frozen until it is resumed")
+        if action.action == "resume":
+            machine.release(now, action.note or "resumed by an operator")
+            return Applied("resumed")
+        self._forget_account()
+        return machine.remove_lead(now, action.note)
+
+    def _apply_reassignment(self, reassignment: Reassignment, now) -> EventResult:
+        machine = self._machine
+        problem = self._check_reassign(reassignment)
+        if problem:
+            return Ignored(problem)
+        self._forget_account()
+        moved = []
+        if reassignment.sender is not None:
+            self._sender = reassignment.sender
+            moved.append(reassignment.sender.email)
+        if reassignment.linkedin_account is not None:
+            self._linkedin = self._linkedin.model_copy(
+                update={"account": reassignment.linkedin_account}
+            )
+            moved.append(f"LinkedIn account {reassignment.linkedin_account}")
+        machine.note(now, "reassigned", detail=", ".join(moved))
+        if machine.state == "paused" and machine.paused_by in ("account", "cap"):
+            machine.release(now, "reassigned")
+        return Applied("moved to " + " and ".join(moved))
+
+    async def _start_budget(self) -> None:
+        """Hold step 1 back while the campaign has started its daily number of new leads."""
+        campaign = self._input.campaign
+        if not self._interruptions or campaign.max_new_leads_per_day is None:
+            return
+        account = AccountRef(id=f"campaign:{campaign.id}", channel="campaign", check_interval=None)
+        grant = await self._book(account, 0, "start", campaign.max_new_leads_per_day, None)
+        if grant.granted and grant.at is not None and grant.at > workflow.now():
+            self._machine.delay_start(
+                grant.at,
+                workflow.now(),
+                f"the campaign starts at most {campaign.max_new_leads_per_day} new leads a day",
+            )
+
     async def _execute(self, number: int) -> None:
         campaign = self._input.campaign
         step = campaign.steps[number - 1]
         machine = self._machine
+        now = workflow.now()
+        if not machine.start_step(number, now):
+            return
+        account = self._account_for(step.type) if self._interruptions else None
+        if account is not None and not await self._take_slot(number, step.type, account):
+            return
         earlier = [
             s.step
             for s in machine.steps
@@ -230,34 +448,171 @@ class LeadSequenceWorkflow:
             step_number=number,
             step=step,
             lead=self._input.lead,
-            sender=campaign.sender,
+            sender=self._sender,
             earlier_email_steps=earlier,
         )
         self._publish(f"step {number}: running {step.type}")
+        handle = workflow.start_activity(
+            ACTIVITY_FOR_CHANNEL[step.channel],
+            step_input,
+            result_type=StepOutcome,
+            start_to_close_timeout=timedelta(minutes=2),
+            retry_policy=CHANNEL_RETRY,
+            summary=f"step {number} of {len(campaign.steps)}: {step.type}",
+        )
+        if self._interruptions:
+            # An operator's pause arriving while the step runs is applied at once; the step
+            # finishes, and the wait after it is frozen.
+            while not handle.done():
+                await workflow.wait_condition(lambda: handle.done() or self._has_control())
+                if self._apply_inbox(controls_only=True):
+                    await self._record()
         try:
-            outcome = await workflow.execute_activity(
-                ACTIVITY_FOR_CHANNEL[step.channel],
-                step_input,
-                result_type=StepOutcome,
-                start_to_close_timeout=timedelta(minutes=2),
-                retry_policy=CHANNEL_RETRY,
-                summary=f"step {number} of {len(campaign.steps)}: {step.type}",
-            )
+            outcome = await handle
         except ActivityError as error:
             cause = error.cause
             if isinstance(cause, ApplicationError) and cause.type == ACCOUNT_INTERRUPTED_ERROR_TYPE:
-                # Not the lead's fault: pause on this step and try it again later.
-                machine.hold(workflow.now(), f"account interrupted: {cause.message}")
-                self._resume_at = workflow.now() + ACCOUNT_RETRY_INTERVAL
+                await self._account_interrupted(account, cause.message)
                 return
             outcome = StepOutcome(
                 status=StepStatus.FAILED,
                 reason=Reason.RETRIES_EXHAUSTED,
                 detail=str(cause.message if isinstance(cause, ApplicationError) else cause),
             )
+        self._slot = None
         machine.record_outcome(
-            number, outcome.status, workflow.now(), outcome.reason, outcome.detail
+            number,
+            outcome.status,
+            workflow.now(),
+            outcome.reason,
+            outcome.detail,
+            invitation=outcome.invitation,
         )
+
+    def _has_control(self) -> bool:
+        return any(
+            isinstance(event, OperatorAction) and event.action in ("pause", "resume")
+            for _, event in self._inbox
+        )
+
+    def _account_for(self, step_type: str) -> AccountRef | None:
+        if step_type not in SLOT_KINDS:
+            return None
+        if step_type == "email":
+            if self._sender is None:
+                return None
+            return AccountRef(id=self._sender.account_id, channel="email", sender=self._sender)
+        return AccountRef(id=self._linkedin.account_id, channel="linkedin")
+
+    def _limits(self, step_type: str) -> tuple[int | None, timedelta]:
+        if step_type == "email" and self._sender is not None:
+            return self._sender.daily_limit, self._sender.min_spacing
+        if step_type == "linkedin_invite":
+            return self._linkedin.daily_invites, self._linkedin.min_spacing
+        return None, self._linkedin.min_spacing
+
+    async def _take_slot(self, number: int, step_type: str, account: AccountRef) -> bool:
+        """Book a sending slot for the step; return True when the step may run now.
+
+        A slot later than now makes the step due then: a pause when the daily cap is the
+        reason, a plain wait for the spacing between two sends.
+        """
+        machine = self._machine
+        now = workflow.now()
+        booked = self._slot
+        if booked is not None and (booked[0] != number or booked[1] != account.id):
+            booked = None
+        if booked is not None and booked[2] < now - STALE_SLOT:
+            booked = None
+        if booked is None:
+            cap, spacing = self._limits(step_type)
+            grant = await self._book(account, number, step_type, cap, spacing)
+            now = workflow.now()
+            if not grant.granted:
+                machine.hold(now, f"{account.id} is disconnected", "account", detail=grant.detail)
+                self._account_wait = account.id
+                return False
+            booked = (number, account.id, grant.at)
+            self._slot = booked
+            if grant.at > now and grant.reason == "cap":
+                machine.next_due = grant.at
+                machine.hold(
+                    now, f"daily limit of {account.id} reached", "cap", detail=grant.detail
+                )
+                # The pause is the wait: the step runs as soon as it ends.
+                machine.paused_remaining = timedelta(0)
+                self._resume_at = grant.at
+                return False
+        if booked[2] > now:
+            machine.next_due = booked[2]
+            return False
+        return True
+
+    async def _book(
+        self,
+        account: AccountRef,
+        number: int,
+        kind: str,
+        cap: int | None,
+        spacing: timedelta | None,
+    ) -> SlotGrant:
+        return await workflow.execute_activity(
+            "reserve_slot",
+            SlotRequest(
+                account=account,
+                workflow_id=workflow.info().workflow_id,
+                step=number,
+                kind=kind,
+                cap=cap,
+                spacing=spacing or timedelta(0),
+            ),
+            result_type=SlotGrant,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=SLOT_RETRY,
+            summary=f"book a {kind} slot on {account.id}",
+        )
+
+    async def _account_interrupted(self, account: AccountRef | None, message: str) -> None:
+        """Pause on this step because the sender account cannot send (rule 8)."""
+        machine = self._machine
+        now = workflow.now()
+        self._slot = None
+        if account is None:
+            # Histories from before account workflows: try again after a fixed interval.
+            machine.hold(now, f"account interrupted: {message}", "account")
+            self._resume_at = now + ACCOUNT_RETRY_INTERVAL
+            return
+        await workflow.execute_activity(
+            "report_account_problem",
+            AccountProblem(
+                account=account, workflow_id=workflow.info().workflow_id, detail=message
+            ),
+            result_type=str,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=SLOT_RETRY,
+            summary=f"mark {account.id} disconnected",
+        )
+        self._account_wait = account.id
+        now = workflow.now()
+        if machine.state == "paused":
+            return  # paused by an operator meanwhile; the step runs again on resume
+        machine.hold(now, f"{account.id} is disconnected", "account", detail=message)
+
+    def _forget_account(self) -> None:
+        """Tell the account this lead waited for, or held a slot on, that it no longer does."""
+        accounts = {self._account_wait} if self._account_wait else set()
+        if self._slot is not None:
+            accounts.add(self._slot[1])
+        self._account_wait = None
+        self._slot = None
+        if not self._interruptions:
+            return
+        task_queue = workflow.info().task_queue
+        for account_id in sorted(accounts):
+            handle = workflow.get_external_workflow_handle(
+                account_workflow_id(account_id, task_queue)
+            )
+            self._signals.append(asyncio.create_task(_signal_quietly(handle, "forget")))
 
     async def _sleep_until(self, action: Sleep) -> None:
         step = self._input.campaign.steps[action.step - 1]
@@ -271,23 +626,40 @@ class LeadSequenceWorkflow:
         except TimeoutError:
             pass
 
-    async def _await_resume(self) -> None:
-        # NOTE: an interrupted account is retried on a fixed interval for now. Reconnecting an
-        # account, reassigning the lead and operator resume are not wired to this wait yet.
-        self._publish(f"paused: {self._machine.pause_reason}")
-        if self._resume_at is None:
-            await workflow.wait_condition(lambda: bool(self._inbox))
-            return
-        delay = max(self._resume_at - workflow.now(), timedelta(0))
+    async def _await_invitation(self, action: AwaitInvitation) -> None:
+        delay = action.deadline - workflow.now()
+        summary = f"step {action.step}: wait up to {format_duration(delay)} for the invitation"
+        self._publish(summary)
         try:
             await workflow.wait_condition(
-                lambda: bool(self._inbox),
-                timeout=delay,
-                timeout_summary=f"retry the sender account in {format_duration(delay)}",
+                lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
+            )
+        except TimeoutError:
+            pass
+
+    async def _await_resume(self) -> None:
+        machine = self._machine
+        self._publish(f"paused: {machine.pause_reason}")
+        resume_at = self._resume_at if machine.paused_by in ("account", "cap") else None
+        if resume_at is None or (self._interruptions and machine.paused_by == "account"):
+            await workflow.wait_condition(lambda: bool(self._inbox))
+            return
+        delay = max(resume_at - workflow.now(), timedelta(0))
+        summary = (
+            f"next free slot in {format_duration(delay)}"
+            if machine.paused_by == "cap"
+            else f"retry the sender account in {format_duration(delay)}"
+        )
+        try:
+            await workflow.wait_condition(
+                lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
             )
         except TimeoutError:
             self._resume_at = None
-            self._machine.release(workflow.now())
+            machine.release(
+                workflow.now(),
+                "the daily limit has room again" if machine.paused_by == "cap" else None,
+            )
 
     async def _record(self) -> None:
         """Write new log entries to the database and keep the search attributes current."""
@@ -296,7 +668,10 @@ class LeadSequenceWorkflow:
         stage = self._stage()
         if entries:
             campaign = self._input.campaign
-            bounced = any(e.kind == "event" and e.status == "unsubscribed" for e in entries)
+            bounced = any(
+                e.kind == "event" and e.status == "unsubscribed" and e.reason == "bounce"
+                for e in entries
+            )
             await workflow.execute_activity(
                 "record_activity",
                 RecordInput(
@@ -334,7 +709,7 @@ class LeadSequenceWorkflow:
             step = machine.step(machine.waiting_step)
             return f"step-{step.step}-{step.type}-waiting"
         if machine.state == "paused":
-            return "paused"
+            return f"paused-{machine.paused_by or 'operator'}"
         step = machine.next_pending()
         return f"step-{step.step}-{step.type}" if step else "ended"
 
@@ -344,19 +719,37 @@ class LeadSequenceWorkflow:
         rows = "\n".join(
             f"| {s.step} | {s.type} | {s.status} | {s.reason or ''} |" for s in machine.steps
         )
+        paused = f" ({machine.pause_reason})" if machine.state == "paused" else ""
         workflow.set_current_details(
-            f"**{headline}**\n\nStatus: {machine.status.value}"
+            f"**{headline}**\n\nStatus: {machine.status.value}{paused}"
             + (", unsubscribed" if machine.unsubscribed else "")
             + f"\n\n| step | type | status | reason |\n|---|---|---|---|\n{rows}"
         )
 
 
-def _describe(event: LateFailure | Reply | TaskOutcome) -> str:
+async def _signal_quietly(handle: workflow.ExternalWorkflowHandle, name: str) -> None:
+    try:
+        await handle.signal(name, workflow.info().workflow_id)
+    except Exception:  # noqa: BLE001 - the account's workflow may have ended: nothing to free
+        pass
+
+
+def _describe(event: Event) -> str:
     if isinstance(event, LateFailure):
         return f"{'bounce' if event.bounced else 'failure'} of step {event.step}"
     if isinstance(event, Reply):
         return "auto-reply" if event.auto_reply else "reply"
-    return f"task {event.outcome} for step {event.step}"
+    if isinstance(event, TaskOutcome):
+        return f"task {event.outcome} for step {event.step}"
+    if isinstance(event, InvitationAnswer):
+        return "invitation " + ("accepted" if event.accepted else "declined")
+    if isinstance(event, OperatorAction):
+        return event.action
+    if isinstance(event, SubscriptionChange):
+        return "unsubscribe" if event.unsubscribed else "re-subscribe"
+    if isinstance(event, Reassignment):
+        return "reassignment"
+    return f"{event.account_id} reconnected"
 
 
 __all__ = ["LeadSequenceWorkflow", "EnrollmentStatus"]

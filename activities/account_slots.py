@@ -1,0 +1,108 @@
+"""Activities that let a lead workflow talk to its sender account's workflow.
+
+A workflow cannot send an update to another workflow, and a signal needs the other workflow
+to exist. These activities send the update through update-with-start, so the account's
+workflow starts when its first lead needs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import activity
+from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
+from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.service import RPCError, RPCStatusCode
+
+from sequencer.models import AccountProblem, AccountRef, SlotGrant, SlotRequest
+from workflows.sender_account import AccountState, SenderAccountWorkflow, account_workflow_id
+
+
+class AccountSlotActivities:
+    """`check_interval` is how often a disconnected account is checked (None: never)."""
+
+    def __init__(self, client: Client, check_interval: timedelta | None) -> None:
+        self._client = client
+        self._check_interval = check_interval
+        # Ids of the account workflows this worker's leads used, for `end_accounts`.
+        self.used: set[str] = set()
+
+    async def end_accounts(self) -> None:
+        """End the account workflows this worker's leads used, and wait until they have ended.
+
+        Only for a worker whose task queue is thrown away afterwards (a what-if run, a test),
+        and only while the worker still runs: in production an account outlives every worker.
+        """
+        for workflow_id in sorted(self.used):
+            handle = self._client.get_workflow_handle(workflow_id)
+            try:
+                await handle.signal(SenderAccountWorkflow.close)
+                # Polled rather than awaited: a result wait on the time-skipping server
+                # can fail on a workflow started by update-with-start.
+                for _ in range(200):
+                    description = await handle.describe()
+                    if description.status != WorkflowExecutionStatus.RUNNING:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    raise RuntimeError(f"the account workflow {workflow_id} did not end when asked")
+            except RPCError as error:
+                if error.status != RPCStatusCode.NOT_FOUND:
+                    raise
+        self.used.clear()
+
+    def _start(self, account: AccountRef) -> WithStartWorkflowOperation:
+        task_queue = activity.info().task_queue
+        if account.channel != "campaign":
+            account = account.model_copy(update={"check_interval": self._check_interval})
+        workflow_id = account_workflow_id(account.id, task_queue)
+        self.used.add(workflow_id)
+        return WithStartWorkflowOperation(
+            SenderAccountWorkflow.run,
+            AccountState(account=account),
+            id=workflow_id,
+            task_queue=task_queue,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            static_summary=f"Sender account {account.id}",
+        )
+
+    async def update_account(
+        self, account: AccountRef, task_queue: str, name: str, argument: object
+    ) -> str:
+        """Send an operator's update (reconnect, disconnect) to an account; start it if needed."""
+        workflow_id = account_workflow_id(account.id, task_queue)
+        self.used.add(workflow_id)
+        if account.channel != "campaign":
+            account = account.model_copy(update={"check_interval": self._check_interval})
+        return await self._client.execute_update_with_start_workflow(
+            name,
+            argument,
+            start_workflow_operation=WithStartWorkflowOperation(
+                SenderAccountWorkflow.run,
+                AccountState(account=account),
+                id=workflow_id,
+                task_queue=task_queue,
+                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                static_summary=f"Sender account {account.id}",
+            ),
+            result_type=str,
+        )
+
+    @activity.defn(name="reserve_slot")
+    async def reserve_slot(self, request: SlotRequest) -> SlotGrant:
+        """Book a sending slot on the lead's sender account."""
+        return await self._client.execute_update_with_start_workflow(
+            SenderAccountWorkflow.reserve,
+            request,
+            start_workflow_operation=self._start(request.account),
+        )
+
+    @activity.defn(name="report_account_problem")
+    async def report_account_problem(self, problem: AccountProblem) -> str:
+        """Mark the sender account disconnected and register the lead to resume with it."""
+        return await self._client.execute_update_with_start_workflow(
+            SenderAccountWorkflow.report_problem,
+            problem,
+            start_workflow_operation=self._start(problem.account),
+        )

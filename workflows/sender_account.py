@@ -1,0 +1,405 @@
+"""SenderAccountWorkflow: one long-lived workflow per sender account, the keeper of its limits.
+
+Every lead workflow that is about to send through an account first requests a slot from it with
+the `reserve` update (sent through update-with-start by the `reserve_slot` activity, so the
+account's workflow starts on first use). A workflow handles its updates one at a time, so two
+leads never get the same slot, whichever worker or campaign they come from.
+
+The account also holds its status (rule 8). A lead that finds the account unusable reports it
+with `report_problem`; the account is then disconnected, every lead that asks for a slot is
+told so and is remembered, and all of them get the `account_reconnected` signal once an
+operator reconnects the account or the periodic health check finds that it works again.
+
+`SlotBook` is the booking arithmetic, kept free of Temporal so that it is tested on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta
+
+from pydantic import BaseModel, Field
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from sequencer.durations import format_duration
+    from sequencer.models import (
+        TASK_QUEUE,
+        AccountProblem,
+        AccountRef,
+        AccountStatus,
+        SlotGrant,
+        SlotRequest,
+    )
+
+ACCOUNT_WORKFLOW_TYPE = "SenderAccountWorkflow"
+WINDOW = timedelta(hours=24)
+# Continue as new well before the history limit of 2,000 updates.
+UPDATES_PER_RUN = 500
+# An account with no send booked and no lead waiting ends after this long. The next lead that
+# needs it starts it again.
+IDLE_LIFETIME = timedelta(hours=25)
+CHECK_RETRY = RetryPolicy(maximum_attempts=1)
+# A send held back by a cap goes out this long after the 24 hours have passed, so that the
+# few seconds an earlier send took cannot put both in one window.
+CAP_MARGIN = timedelta(minutes=1)
+
+
+def account_workflow_id(account_id: str, task_queue: str = TASK_QUEUE) -> str:
+    """Return the workflow id of a sender account.
+
+    Accounts belong to a task queue: the production queue uses the plain id, and any other
+    queue (a what-if run, a test) gets accounts of its own.
+    """
+    base = f"account-{account_id.replace(':', '-')}"
+    return base if task_queue == TASK_QUEUE else f"{task_queue}/{base}"
+
+
+class Slot(BaseModel):
+    at: datetime
+    kind: str
+    workflow_id: str
+    step: int
+
+
+class AccountState(BaseModel):
+    """Everything the account carries across continue-as-new."""
+
+    account: AccountRef
+    connected: bool = True
+    reason: str | None = None
+    since: datetime | None = None
+    slots: list[Slot] = Field(default_factory=list)
+    waiters: list[str] = Field(default_factory=list)
+    last_check: str | None = None
+
+
+class SlotBook:
+    """Sends booked on one account: a cap per kind over any 24 hours, and a spacing."""
+
+    def __init__(self, slots: list[Slot]) -> None:
+        self.slots = slots
+
+    def find(self, workflow_id: str, step: int) -> Slot | None:
+        return next(
+            (s for s in self.slots if s.workflow_id == workflow_id and s.step == step), None
+        )
+
+    def next_free(
+        self, now: datetime, kind: str, cap: int | None, spacing: timedelta
+    ) -> tuple[datetime, str | None]:
+        """Return the earliest time from `now` with room for one more send, and why it is later.
+
+        Room means: no booked send of any kind closer than `spacing`, and no 24-hour window
+        holding the new send would hold more than `cap` sends of `kind`.
+        """
+        at = now
+        reason: str | None = None
+        for _ in range(100_000):
+            clash = next(
+                (s.at for s in self.slots if spacing > timedelta(0) and abs(s.at - at) < spacing),
+                None,
+            )
+            if clash is not None:
+                at = clash + spacing
+                reason = reason or "spacing"
+                continue
+            if cap is not None and self._busiest_window(at, kind) >= cap:
+                same = [s.at + WINDOW + CAP_MARGIN for s in self.slots if s.kind == kind]
+                at = min(t for t in same if t > at)
+                reason = "cap"
+                continue
+            return at, reason
+        raise RuntimeError("no free slot found: the account's bookings are inconsistent")
+
+    def _busiest_window(self, at: datetime, kind: str) -> int:
+        """Return the most sends of `kind` in one 24-hour window [w, w + 24h) that contains `at`."""
+        times = sorted(s.at for s in self.slots if s.kind == kind and abs(s.at - at) < WINDOW)
+        tiny = timedelta(microseconds=1)
+        starts = {at - WINDOW + tiny} | {t for t in times if t <= at}
+        starts |= {t - WINDOW + tiny for t in times if t - WINDOW + tiny <= at}
+        return max(
+            (sum(1 for t in times if w <= t < w + WINDOW) for w in starts if at - WINDOW < w),
+            default=0,
+        )
+
+    def book(self, slot: Slot) -> None:
+        self.slots.append(slot)
+        self.slots.sort(key=lambda s: s.at)
+
+    def release(self, workflow_id: str, step: int, now: datetime) -> bool:
+        """Free a slot that a lead will not use. Only a slot still in the future is freed."""
+        slot = self.find(workflow_id, step)
+        if slot is None or slot.at <= now:
+            return False
+        self.slots.remove(slot)
+        return True
+
+    def prune(self, now: datetime) -> None:
+        """Forget sends that no 24-hour window from now can hold."""
+        self.slots[:] = [s for s in self.slots if s.at > now - WINDOW]
+
+    def count_since(self, since: datetime, until: datetime) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for slot in self.slots:
+            if since < slot.at <= until:
+                counts[slot.kind] = counts.get(slot.kind, 0) + 1
+        return counts
+
+
+@workflow.defn(name=ACCOUNT_WORKFLOW_TYPE)
+class SenderAccountWorkflow:
+    @workflow.init
+    def __init__(self, state: AccountState) -> None:
+        self._state = state
+        self._book = SlotBook(state.slots)
+        self._updates = 0
+        self._notify: list[str] = []
+        self._closing = False
+
+    @workflow.run
+    async def run(self, state: AccountState) -> None:
+        while True:
+            self._publish()
+            if self._closing:
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                return
+            if self._notify:
+                await self._notify_waiters()
+                continue
+            if self._should_continue_as_new():
+                await workflow.wait_condition(workflow.all_handlers_finished)
+                self._book.prune(workflow.now())
+                workflow.continue_as_new(self._state)
+            if not self._state.connected and self._state.account.check_interval:
+                await self._wait_or_check(self._state.account.check_interval)
+                continue
+            if self._idle():
+                try:
+                    await workflow.wait_condition(
+                        lambda: self._busy_since_idle() or self._closing,
+                        timeout=IDLE_LIFETIME,
+                        timeout_summary="end once idle",
+                    )
+                except TimeoutError:
+                    if self._idle() and workflow.all_handlers_finished():
+                        return
+                continue
+            # Busy: wake up on an event, or when the newest send leaves the 24-hour window.
+            newest = max((s.at for s in self._book.slots), default=workflow.now())
+            try:
+                await workflow.wait_condition(
+                    lambda: (
+                        bool(self._notify)
+                        or self._closing
+                        or self._should_continue_as_new()
+                        or (not self._state.connected and bool(self._state.account.check_interval))
+                    ),
+                    timeout=max(newest + WINDOW - workflow.now(), timedelta(seconds=1)),
+                    timeout_summary="the last send leaves the 24-hour window",
+                )
+            except TimeoutError:
+                pass
+
+    # Leads ask for slots and report problems
+
+    @workflow.update
+    def reserve(self, request: SlotRequest) -> SlotGrant:
+        """Book the next free slot for one step of one lead; the same request gets the same slot."""
+        self._touch()
+        now = workflow.now()
+        state = self._state
+        if not state.connected:
+            self._wait_for_account(request.workflow_id)
+            return SlotGrant(granted=False, reason="disconnected", detail=state.reason)
+        existing = self._book.find(request.workflow_id, request.step)
+        if existing is not None:
+            return SlotGrant(granted=True, at=max(existing.at, now))
+        self._book.prune(now)
+        at, reason = self._book.next_free(now, request.kind, request.cap, request.spacing)
+        self._book.book(
+            Slot(at=at, kind=request.kind, workflow_id=request.workflow_id, step=request.step)
+        )
+        detail = None
+        if reason == "cap":
+            detail = (
+                f"{state.account.id} has sent its {request.cap} {request.kind} sends of the last "
+                "24 hours"
+            )
+        return SlotGrant(granted=True, at=at, reason=reason, detail=detail)
+
+    @workflow.update
+    def report_problem(self, problem: AccountProblem) -> str:
+        """Mark the account disconnected because a step could not use it."""
+        self._touch()
+        if problem.workflow_id:
+            self._wait_for_account(problem.workflow_id)
+        if not self._state.connected:
+            return f"{self._state.account.id} is already disconnected"
+        self._disconnect(problem.detail)
+        return f"{self._state.account.id} is now disconnected"
+
+    @workflow.signal
+    def release(self, workflow_id: str, step: int) -> None:
+        """A lead gives back a slot it will not use (it replied, was paused or reassigned)."""
+        self._book.release(workflow_id, step, workflow.now())
+
+    @workflow.signal
+    def close(self) -> None:
+        """End the account's workflow, for a task queue that is thrown away (a what-if run)."""
+        self._closing = True
+
+    @workflow.signal
+    def forget(self, workflow_id: str) -> None:
+        """Drop a lead that no longer waits for this account (it was reassigned or removed)."""
+        if workflow_id in self._state.waiters:
+            self._state.waiters.remove(workflow_id)
+        for slot in [s for s in self._book.slots if s.workflow_id == workflow_id]:
+            self._book.release(workflow_id, slot.step, workflow.now())
+
+    # Operators
+
+    @workflow.update
+    def reconnect(self, detail: str | None) -> str:
+        self._touch()
+        self._connect(detail or "reconnected by an operator")
+        waiting = len(self._notify)
+        return (
+            f"{self._state.account.id} is connected again; "
+            f"{waiting} paused lead{'s' if waiting != 1 else ''} will resume"
+        )
+
+    @reconnect.validator
+    def _validate_reconnect(self, detail: str | None) -> None:
+        if self._state.connected:
+            raise ValueError(f"{self._state.account.id} is already connected")
+
+    @workflow.update
+    def disconnect(self, detail: str | None) -> str:
+        self._touch()
+        self._disconnect(detail or "disconnected by an operator")
+        return f"{self._state.account.id} is now disconnected"
+
+    @disconnect.validator
+    def _validate_disconnect(self, detail: str | None) -> None:
+        if not self._state.connected:
+            raise ValueError(
+                f"{self._state.account.id} is already disconnected ({self._state.reason})"
+            )
+
+    @workflow.query
+    def status(self) -> AccountStatus:
+        now = workflow.now()
+        state = self._state
+        return AccountStatus(
+            id=state.account.id,
+            channel=state.account.channel,
+            connected=state.connected,
+            reason=state.reason,
+            since=state.since,
+            waiting_leads=len(state.waiters),
+            sends_last_24h=self._book.count_since(now - WINDOW, now),
+            booked_ahead=sum(1 for s in self._book.slots if s.at > now),
+            last_check=state.last_check,
+        )
+
+    # Inner workings
+
+    def _wait_for_account(self, workflow_id: str) -> None:
+        if workflow_id not in self._state.waiters:
+            self._state.waiters.append(workflow_id)
+
+    def _disconnect(self, reason: str) -> None:
+        state = self._state
+        state.connected = False
+        state.reason = reason
+        state.since = workflow.now()
+        workflow.logger.warning("Account %s disconnected: %s", state.account.id, reason)
+
+    def _connect(self, detail: str) -> None:
+        state = self._state
+        state.connected = True
+        state.reason = None
+        state.since = workflow.now()
+        state.last_check = detail
+        self._notify.extend(state.waiters)
+        state.waiters.clear()
+        workflow.logger.info("Account %s connected: %s", state.account.id, detail)
+
+    async def _wait_or_check(self, interval: timedelta) -> None:
+        try:
+            await workflow.wait_condition(
+                lambda: self._state.connected or self._closing or self._should_continue_as_new(),
+                timeout=interval,
+                timeout_summary=f"check the account again in {format_duration(interval)}",
+            )
+            return
+        except TimeoutError:
+            pass
+        try:
+            result = await workflow.execute_activity(
+                "check_account",
+                {"channel": self._state.account.channel, "sender": self._state.account.sender},
+                start_to_close_timeout=timedelta(minutes=1),
+                retry_policy=CHECK_RETRY,
+                summary=f"check {self._state.account.id}",
+            )
+        except Exception as error:  # noqa: BLE001 - a failed check is retried at the next interval
+            self._state.last_check = f"the check itself failed: {error}"
+            return
+        if self._state.connected:
+            return
+        ok = bool(result.get("ok")) if isinstance(result, dict) else bool(result.ok)
+        detail = result.get("detail") if isinstance(result, dict) else result.detail
+        self._state.last_check = detail
+        if ok:
+            self._connect(f"health check: {detail}")
+
+    async def _notify_waiters(self) -> None:
+        waiters, self._notify = self._notify, []
+        account_id = self._state.account.id
+
+        async def tell(workflow_id: str) -> None:
+            handle = workflow.get_external_workflow_handle(workflow_id)
+            try:
+                await handle.signal("account_reconnected", account_id)
+            except ApplicationError:
+                pass  # the lead has ended: nothing to resume
+            except Exception as error:  # noqa: BLE001 - one lead must not block the others
+                workflow.logger.warning(
+                    "Cannot signal lead %s that %s reconnected: %s", workflow_id, account_id, error
+                )
+
+        await asyncio.gather(*(tell(w) for w in waiters))
+
+    def _touch(self) -> None:
+        self._updates += 1
+
+    def _idle(self) -> bool:
+        now = workflow.now()
+        return (
+            self._state.connected
+            and not self._state.waiters
+            and not self._notify
+            and not any(s.at > now - WINDOW for s in self._book.slots)
+        )
+
+    def _busy_since_idle(self) -> bool:
+        return not self._idle() or self._should_continue_as_new()
+
+    def _should_continue_as_new(self) -> bool:
+        return self._updates >= UPDATES_PER_RUN or workflow.info().is_continue_as_new_suggested()
+
+    def _publish(self) -> None:
+        state = self._state
+        status = "connected" if state.connected else f"disconnected: {state.reason}"
+        now = workflow.now()
+        sent = self._book.count_since(now - WINDOW, now)
+        workflow.set_current_details(
+            f"**{state.account.id}**: {status}\n\n"
+            f"Leads waiting for it: {len(state.waiters)}\n\n"
+            "Sends in the last 24 hours: "
+            + (", ".join(f"{k} {v}" for k, v in sorted(sent.items())) or "none")
+        )
