@@ -52,8 +52,14 @@ class AccountSlotActivities:
                     raise
         self.used.clear()
 
-    def _start(self, account: AccountRef) -> WithStartWorkflowOperation:
-        task_queue = activity.info().task_queue
+    def _start(
+        self, account: AccountRef, task_queue: str | None = None
+    ) -> WithStartWorkflowOperation:
+        """Describe how to start the account's workflow if it is not running yet.
+
+        `task_queue` defaults to the calling activity's queue.
+        """
+        task_queue = task_queue or activity.info().task_queue
         if account.channel != "campaign":
             account = account.model_copy(update={"check_interval": self._check_interval})
         workflow_id = account_workflow_id(account.id, task_queue)
@@ -71,21 +77,10 @@ class AccountSlotActivities:
         self, account: AccountRef, task_queue: str, name: str, argument: object
     ) -> str:
         """Send an operator's update (reconnect, disconnect) to an account; start it if needed."""
-        workflow_id = account_workflow_id(account.id, task_queue)
-        self.used.add(workflow_id)
-        if account.channel != "campaign":
-            account = account.model_copy(update={"check_interval": self._check_interval})
         return await self._client.execute_update_with_start_workflow(
             name,
             argument,
-            start_workflow_operation=WithStartWorkflowOperation(
-                SenderAccountWorkflow.run,
-                AccountState(account=account),
-                id=workflow_id,
-                task_queue=task_queue,
-                id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                static_summary=f"Sender account {account.id}",
-            ),
+            start_workflow_operation=self._start(account, task_queue),
             result_type=str,
         )
 

@@ -189,6 +189,15 @@ class LinkedInActivities:
                 input, Reason.PROFILE_DEACTIVATED, _describe_error(status, payload, response)
             )
 
+        if status == 401 and error_code == "session_expired":
+            raise ApplicationError(
+                "the LinkedIn provider returned HTTP 401 session_expired: the sender account's "
+                "LinkedIn session expired. Log the account in again at the provider, and its "
+                "leads resume by themselves once the account works again",
+                type=ACCOUNT_INTERRUPTED_ERROR_TYPE,
+                non_retryable=True,
+            )
+
         if status in (401, 403):
             raise ApplicationError(
                 f"the LinkedIn provider rejected the API key or session with HTTP {status}. "

@@ -185,26 +185,31 @@ def _positive_duration(value: Any) -> timedelta:
     return delta
 
 
-class Sender(_Model):
+class _SendingAccount(_Model):
+    """An account that sends: `min_spacing` is the shortest time between two of its sends."""
+
+    min_spacing: timedelta = timedelta(0)
+
+    @field_validator("min_spacing", mode="before")
+    @classmethod
+    def _parse_spacing(cls, value: Any) -> timedelta:
+        return _positive_duration(value)
+
+    @field_serializer("min_spacing")
+    def _dump_spacing(self, value: timedelta) -> str:
+        return format_duration(value)
+
+
+class Sender(_SendingAccount):
     """The account that sends email steps. Credentials come from the environment.
 
-    `daily_limit` caps the emails this account sends in any 24 hours, across every campaign;
-    `min_spacing` is the shortest time between two of its sends.
+    `daily_limit` caps the emails this account sends in any 24 hours, across every campaign.
     """
 
     email: str
     name: str | None = None
     smtp_url: str = DEFAULT_SMTP_URL
     daily_limit: int = Field(default=DEFAULT_DAILY_EMAILS, ge=1)
-    min_spacing: timedelta = timedelta(0)
-
-    _spacing = field_validator("min_spacing", mode="before")(
-        classmethod(lambda cls, value: _positive_duration(value))
-    )
-
-    @field_serializer("min_spacing")
-    def _dump_spacing(self, value: timedelta) -> str:
-        return format_duration(value)
 
     @property
     def account_id(self) -> str:
@@ -236,20 +241,11 @@ class Sender(_Model):
         return value
 
 
-class LinkedInAccount(_Model):
+class LinkedInAccount(_SendingAccount):
     """The LinkedIn account the provider drives for this campaign, and its limits."""
 
     account: str = Field(default="default", pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,99}$")
     daily_invites: int = Field(default=DEFAULT_DAILY_INVITES, ge=1)
-    min_spacing: timedelta = timedelta(0)
-
-    _spacing = field_validator("min_spacing", mode="before")(
-        classmethod(lambda cls, value: _positive_duration(value))
-    )
-
-    @field_serializer("min_spacing")
-    def _dump_spacing(self, value: timedelta) -> str:
-        return format_duration(value)
 
     @property
     def account_id(self) -> str:

@@ -471,7 +471,9 @@ def event_invite_accepted(
 def event_invite_declined(
     campaign: CampaignArgument,
     lead: LeadArgument,
-    detail: Annotated[str | None, typer.Option(help="Declined, withdrawn...")] = None,
+    detail: Annotated[
+        str | None, typer.Option(help="What the provider reported: declined, withdrawn...")
+    ] = None,
 ) -> None:
     """Report that the invitation was declined or withdrawn: LinkedIn messages fail."""
     console.print(
@@ -482,7 +484,7 @@ def event_invite_declined(
 # Operator controls
 
 
-NoteOption = Annotated[str | None, typer.Option("--note", help="Why, kept in the Activity.")]
+NoteOption = Annotated[str | None, typer.Option("--note", help="The reason, kept in the Activity.")]
 
 
 @lead_app.command("pause")
@@ -506,7 +508,12 @@ def lead_remove(campaign: CampaignArgument, lead: LeadArgument, note: NoteOption
 @lead_app.command("reassign")
 def lead_reassign(
     campaign: CampaignArgument,
-    lead: LeadArgument,
+    lead: Annotated[
+        str | None, typer.Argument(help="The lead's email address or LinkedIn URL.")
+    ] = None,
+    every_lead: Annotated[
+        bool, typer.Option("--all", help="Move every lead of the campaign that has not ended.")
+    ] = False,
     to: Annotated[str | None, typer.Option("--to", help="The new sender's address.")] = None,
     smtp_url: Annotated[
         str | None, typer.Option(help="The new sender's SMTP server, if it differs.")
@@ -515,8 +522,18 @@ def lead_reassign(
         str | None, typer.Option(help="The LinkedIn account to use instead.")
     ] = None,
 ) -> None:
-    """Move a lead to another sender account; a lead paused by its account resumes at once."""
-    message = _run(_service().reassign(campaign, lead, to, smtp_url, linkedin_account))
+    """Move a lead, or with --all every lead of the campaign, to another sender account.
+
+    A lead paused because its account is disconnected or at its daily limit resumes at once.
+    """
+    service = _service()
+    if every_lead == (lead is not None):
+        _fail("name one lead, or give --all to move every lead of the campaign")
+    if every_lead:
+        for line in _run(service.reassign_all(campaign, to, smtp_url, linkedin_account)):
+            console.print(line, highlight=False)
+        return
+    message = _run(service.reassign(campaign, lead, to, smtp_url, linkedin_account))
     console.print(message, highlight=False)
 
 

@@ -191,26 +191,12 @@ class Sequencer:
         workflow_id = workflow_id_for(campaign.id, lead.key)
         self.store.add_enrollment(workflow_id, campaign.id, lead)
         try:
-            await client.start_workflow(
-                LeadSequenceWorkflow.run,
+            await _start_lead(
+                client,
                 EnrollmentInput(campaign=campaign, lead=lead),
-                id=workflow_id,
-                task_queue=TASK_QUEUE,
-                id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-                search_attributes=TypedSearchAttributes(
-                    [
-                        SearchAttributePair(CAMPAIGN_KEY, campaign.id),
-                        SearchAttributePair(STATUS_KEY, EnrollmentStatus.RUNNING.value),
-                        SearchAttributePair(STAGE_KEY, "step-1"),
-                    ]
-                ),
-                static_summary=f"Lead {workflow_id.rsplit('-', 1)[-1]} in campaign {campaign.id}",
-                static_details=(
-                    f"Campaign **{campaign.name}** ({len(campaign.steps)} steps: "
-                    + ", ".join(step.type for step in campaign.steps)
-                    + ")"
-                ),
+                workflow_id,
+                WorkflowIDReusePolicy.REJECT_DUPLICATE,
+                first_step=1,
             )
         except WorkflowAlreadyStartedError:
             return False
@@ -391,7 +377,8 @@ class Sequencer:
         try:
             return await self._update(enrollment, "answer_invitation", answer)
         except ServiceError as error:
-            # A repeat, or an answer after the lead ended: the provider must not retry it.
+            # A repeated event, or one that arrives after the lead ended: the provider must not
+            # retry it.
             return f"ignored: {error}"
 
     async def reassign(
@@ -426,6 +413,34 @@ class Sequencer:
             raise ServiceError("--smtp-url needs --to: name the sender address to move to")
         reassignment = Reassignment(sender=sender, linkedin_account=linkedin_account)
         return await self._update(enrollment, "reassign", reassignment)
+
+    async def reassign_all(
+        self,
+        campaign_ref: str,
+        sender_email: str | None = None,
+        smtp_url: str | None = None,
+        linkedin_account: str | None = None,
+    ) -> list[str]:
+        """Move every lead of a campaign that has not ended; returns one line per lead."""
+        campaign = self._campaign(campaign_ref)
+        running = [
+            row
+            for row in self.store.list_enrollments(campaign.id)
+            if not EnrollmentStatus(row.status).is_final
+        ]
+        if not running:
+            raise ServiceError(f"campaign {campaign.id!r} has no lead left to move")
+        lines = []
+        for row in running:
+            try:
+                lines.append(
+                    await self.reassign(
+                        campaign.id, row.lead_key, sender_email, smtp_url, linkedin_account
+                    )
+                )
+            except ServiceError as error:
+                lines.append(str(error))
+        return lines
 
     async def unsubscribe(self, address: str, reason: str = "operator") -> list[str]:
         """Add an address to the suppression list; returns one line per change."""
@@ -499,8 +514,22 @@ class Sequencer:
         if first is None:
             return f"{label}: not resumed, because every step was executed"
         client = await self.client()
-        await client.start_workflow(
-            LeadSequenceWorkflow.run,
+        try:
+            await self._start_again(client, campaign, enrollment, steps, first)
+        except WorkflowAlreadyStartedError:
+            return f"{label}: not resumed, because its workflow is running again already"
+        return f"{label}: resumed from step {first.step} ({first.type})"
+
+    async def _start_again(
+        self,
+        client: Client,
+        campaign: Campaign,
+        enrollment: EnrollmentRow,
+        steps: list[StepState],
+        first: StepState,
+    ) -> None:
+        await _start_lead(
+            client,
             EnrollmentInput(
                 campaign=campaign,
                 lead=enrollment.lead,
@@ -508,21 +537,10 @@ class Sequencer:
                 resume_enrolled_at=enrollment.enrolled_at,
                 log_offset=self.store.workflow_entries(enrollment.workflow_id),
             ),
-            id=enrollment.workflow_id,
-            task_queue=TASK_QUEUE,
-            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
-            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=TypedSearchAttributes(
-                [
-                    SearchAttributePair(CAMPAIGN_KEY, campaign.id),
-                    SearchAttributePair(STATUS_KEY, EnrollmentStatus.RUNNING.value),
-                    SearchAttributePair(STAGE_KEY, f"step-{first.step}"),
-                ]
-            ),
-            static_summary=f"Lead {enrollment.workflow_id.rsplit('-', 1)[-1]} in campaign "
-            f"{campaign.id}, resumed",
+            enrollment.workflow_id,
+            WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            first_step=first.step,
         )
-        return f"{label}: resumed from step {first.step} ({first.type})"
 
     # Sender accounts (rule 8)
 
@@ -643,6 +661,44 @@ class Sequencer:
                 return False
             raise
         return True
+
+
+async def _start_lead(
+    client: Client,
+    input: EnrollmentInput,
+    workflow_id: str,
+    reuse_policy: WorkflowIDReusePolicy,
+    first_step: int,
+) -> None:
+    """Start a lead's workflow with its search attributes and the Temporal UI's summary.
+
+    `reuse_policy` allows a second run of the same id only when starting an ended one again.
+    """
+    campaign = input.campaign
+    resumed = ", resumed" if input.resume_steps is not None else ""
+    await client.start_workflow(
+        LeadSequenceWorkflow.run,
+        input,
+        id=workflow_id,
+        task_queue=TASK_QUEUE,
+        id_reuse_policy=reuse_policy,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        search_attributes=TypedSearchAttributes(
+            [
+                SearchAttributePair(CAMPAIGN_KEY, campaign.id),
+                SearchAttributePair(STATUS_KEY, EnrollmentStatus.RUNNING.value),
+                SearchAttributePair(STAGE_KEY, f"step-{first_step}"),
+            ]
+        ),
+        static_summary=(
+            f"Lead {workflow_id.rsplit('-', 1)[-1]} in campaign {campaign.id}{resumed}"
+        ),
+        static_details=(
+            f"Campaign **{campaign.name}** ({len(campaign.steps)} steps: "
+            + ", ".join(step.type for step in campaign.steps)
+            + ")"
+        ),
+    )
 
 
 def _cause(error: WorkflowUpdateFailedError) -> str:

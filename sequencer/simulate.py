@@ -112,7 +112,7 @@ class ScriptedEvent(BaseModel):
 class LeadScript(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    # invite_pending: the invitation is sent and the lead has not answered yet; without it, a
+    # invite_pending: the invitation is sent and the lead has not responded yet. Without it, a
     # simulated invitation counts as accepted at once.
     steps: dict[int, Literal["sent", "bounce", "fail", "invite_pending"]] = Field(
         default_factory=dict

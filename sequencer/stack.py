@@ -247,7 +247,7 @@ class LocalStack:
                 await asyncio.sleep(0.5)
 
     async def _start_webhooks(self) -> None:
-        """Serve the provider webhooks (LinkedIn invitations answered) on this event loop."""
+        """Serve the provider webhooks (responses to LinkedIn invitations) on this event loop."""
         self._webhook_service = Sequencer(self.settings)
         app = create_webhook_app(
             linkedin_secret=self.settings.linkedin_webhook_secret,

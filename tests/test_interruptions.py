@@ -22,6 +22,7 @@ from activities.accounts import AccountCheck, AccountCheckInput
 from sequencer.campaign import Sender, parse_campaign
 from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE
 from sequencer.models import (
+    AccountRef,
     EnrollmentInput,
     EnrollmentResult,
     InvitationAnswer,
@@ -35,7 +36,7 @@ from sequencer.models import (
 from sequencer.schedule import SendingSchedule
 from sequencer.temporal import lead_worker
 from workflows.lead_sequence import LeadSequenceWorkflow
-from workflows.sender_account import SenderAccountWorkflow, account_workflow_id
+from workflows.sender_account import AccountState, SenderAccountWorkflow, account_workflow_id
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
@@ -527,3 +528,27 @@ async def test_steps_run_only_inside_the_schedule(time_skipping_env):
     assert opens <= sent[0] < opens + MINUTE
     assert DAY <= sent[1] - sent[0] < DAY + MINUTE
     assert timedelta(minutes=30) <= sent[2] - sent[1] < timedelta(minutes=31)
+
+
+async def test_account_continues_as_new_and_keeps_its_bookings(time_skipping_env):
+    env = time_skipping_env
+    sender = Sender(email="rep@acme.test", daily_limit=4)
+    camp = campaign(email(), sender=sender.model_dump(mode="json"))
+    async with Run(env, Channels()) as run:
+        account = run.account(sender.account_id)
+        first_run = await env.client.start_workflow(
+            SenderAccountWorkflow.run,
+            AccountState(
+                account=AccountRef(id=sender.account_id, channel="email", sender=sender),
+                updates_per_run=5,
+            ),
+            id=account.id,
+            task_queue=run.task_queue,
+        )
+        handles = [await run.start(camp, lead(n)) for n in range(12)]
+        done = [await result(h) for h in handles]
+        latest = await account.describe()
+    assert all(r.status == "completed" for r in done)
+    # Bookings made before each continue-as-new still count against the cap after it.
+    assert busiest_day([r.steps[0].at for r in done]) == 4
+    assert latest.run_id != first_run.result_run_id

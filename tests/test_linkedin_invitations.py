@@ -640,6 +640,8 @@ async def test_expired_session_interrupts_activity(
     assert raised.value.type == ACCOUNT_INTERRUPTED_ERROR_TYPE
     assert raised.value.non_retryable
     assert "401" in raised.value.message
+    assert "session expired" in raised.value.message
+    assert "SEQUENCER_LINKEDIN_API_KEY" not in raised.value.message
     assert outcome.status == StepStatus.SENT
     assert len(sandbox.actions) == 1
 

@@ -231,3 +231,24 @@ async def test_unsubscribe_reaches_running_enrollment(sequencer, tmp_path, time_
     assert report.enrollment.unsubscribed is True
     assert "unsubscribed" in [e.status for e in report.log]
     await sequencer.control("unsub", "ann@example.com", "remove")
+
+
+async def test_reassign_every_running_lead(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "moving", [{**EMAIL, "wait_after": "3d"}, EMAIL])
+    leads.write_text("email,first_name\nann@example.com,Ann\nbob@example.com,Bob\n")
+    await sequencer.launch(campaign, leads)
+    lines = await sequencer.reassign_all("moving", "backup@acme.test")
+    assert sorted(lines) == [
+        "ann@example.com: moved to backup@acme.test",
+        "bob@example.com: moved to backup@acme.test",
+    ]
+    again = await sequencer.reassign_all("moving", "backup@acme.test")
+    assert all(
+        line.endswith("already sends from backup@acme.test; nothing changed") for line in again
+    )
+    with pytest.raises(ServiceError, match="invalid sender: email: "):
+        await sequencer.reassign("moving", "ann@example.com", "not an address")
+    for lead in ("ann@example.com", "bob@example.com"):
+        await sequencer.control("moving", lead, "remove")
+    with pytest.raises(ServiceError, match="has no lead left to move"):
+        await sequencer.reassign_all("moving", "other@acme.test")

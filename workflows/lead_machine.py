@@ -19,7 +19,7 @@ Rules implemented (the numbers of the sequencing rules):
 - 8: an interrupted sender account (disconnected, or its daily cap reached) pauses the
   enrollment with its remaining wait frozen; the workflow resumes it.
 - 9: a `linkedin_message` step that falls due while the lead's invitation is pending waits for
-  the answer. Declined, or not accepted within `invite_timeout` of the invitation, fails it
+  the response. Declined, or not accepted within `invite_timeout` of the invitation, fails it
   with `invite_not_accepted`. An acceptance at the deadline's very instant still counts.
 - 10: calls and manual tasks wait for a person's outcome, and the next wait counts from it.
 - 11: a reply (not an auto-reply) skips everything left and ends the enrollment as `replied`.
@@ -80,9 +80,9 @@ STEP_MOVES: dict[StepStatus, frozenset[StepStatus]] = {
 
 DEFAULT_INVITE_TIMEOUT = timedelta(days=14)
 
-# Who paused an enrollment. An operator's pause outranks the others: only an operator resumes it.
+# The origin of a pause. An operator's pause outranks the others: only an operator resumes it.
 PausedBy = Literal["operator", "account", "cap"]
-# What a waiting step waits for.
+# The event a waiting step waits for.
 WaitingFor = Literal["task", "invitation"]
 # The lead's LinkedIn invitation, from the last `linkedin_invite` step sent.
 InvitationState = Literal["none", "pending", "accepted", "declined"]
@@ -196,7 +196,7 @@ class LeadSequence:
         self.log: list[LogEntry] = []
         # Log sequence numbers continue those of an earlier run of the same enrollment.
         self.seq_offset = 0
-        # Histories recorded before rule 9 existed never waited for an invitation.
+        # False when replaying a history recorded before invitations were waited for.
         self.gate_invitations = True
         self._flushed = 0
         self.machine = Machine(
@@ -237,6 +237,9 @@ class LeadSequence:
 
         Executed steps keep their status; skipped and pending ones are pending again. Returns
         the number of the step that runs next.
+
+        NOTE: the invitation's state is not carried over, so a LinkedIn message of the new
+        run is sent without waiting for an acceptance.
         """
         executed = (StepStatus.SENT, StepStatus.FAILED, StepStatus.BOUNCED)
         self.steps = [
@@ -426,7 +429,7 @@ class LeadSequence:
     def invitation_answered(
         self, accepted: bool, now: datetime, detail: str | None = None
     ) -> EventResult:
-        """Apply the lead's answer to the LinkedIn invitation (rule 9)."""
+        """Apply the lead's response to the LinkedIn invitation (rule 9)."""
         problem = self.check_invitation()
         if problem:
             return Ignored(problem)
@@ -448,7 +451,7 @@ class LeadSequence:
         return Applied(f"invitation {'accepted' if accepted else 'declined'}")
 
     def check_invitation(self) -> str | None:
-        """Return why an invitation answer does not apply, or None when it does."""
+        """Return why an invitation response does not apply, or None when it does."""
         if self.invitation == "none":
             return "no LinkedIn invitation was sent to this lead"
         if self.invitation != "pending":

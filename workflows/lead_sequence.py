@@ -122,7 +122,13 @@ class LeadSequenceWorkflow:
         campaign = input.campaign
         schedule = getattr(campaign, "schedule", None)
         if schedule is not None and input.lead.timezone:
-            schedule = schedule.in_timezone(input.lead.timezone)
+            try:
+                schedule = schedule.in_timezone(input.lead.timezone)
+            except ValueError as error:
+                # The import checks timezones, so only a lead built some other way gets here.
+                workflow.logger.warning(
+                    "Lead %s keeps the campaign's timezone: %s", workflow.info().workflow_id, error
+                )
         self._machine = LeadSequence(
             plan_from_steps(campaign.steps),
             schedule=schedule,
@@ -234,7 +240,7 @@ class LeadSequenceWorkflow:
 
     @apply_failure.validator
     def _validate_failure(self, failure: LateFailure) -> None:
-        self._refuse(self._machine.check_late_failure(failure.step, failure.bounced))
+        self._reject(self._machine.check_late_failure(failure.step, failure.bounced))
 
     @workflow.update
     async def answer_invitation(self, answer: InvitationAnswer) -> str:
@@ -243,7 +249,7 @@ class LeadSequenceWorkflow:
 
     @answer_invitation.validator
     def _validate_invitation(self, answer: InvitationAnswer) -> None:
-        self._refuse(self._machine.check_invitation())
+        self._reject(self._machine.check_invitation())
 
     @workflow.update
     async def control(self, action: OperatorAction) -> str:
@@ -252,7 +258,7 @@ class LeadSequenceWorkflow:
 
     @control.validator
     def _validate_control(self, action: OperatorAction) -> None:
-        self._refuse(self._check_control(action))
+        self._reject(self._check_control(action))
 
     @workflow.update
     async def change_subscription(self, change: SubscriptionChange) -> str:
@@ -263,7 +269,7 @@ class LeadSequenceWorkflow:
     def _validate_subscription(self, change: SubscriptionChange) -> None:
         if change.unsubscribed == self._machine.unsubscribed:
             state = "unsubscribed" if change.unsubscribed else "subscribed"
-            self._refuse(f"the address is already {state}")
+            self._reject(f"the address is already {state}")
 
     @workflow.update
     async def reassign(self, reassignment: Reassignment) -> str:
@@ -272,7 +278,7 @@ class LeadSequenceWorkflow:
 
     @reassign.validator
     def _validate_reassign(self, reassignment: Reassignment) -> None:
-        self._refuse(self._check_reassign(reassignment))
+        self._reject(self._check_reassign(reassignment))
 
     @workflow.query
     def activity(self) -> EnrollmentResult:
@@ -297,7 +303,7 @@ class LeadSequenceWorkflow:
         return self._results.pop(number)
 
     @staticmethod
-    def _refuse(problem: str | None) -> None:
+    def _reject(problem: str | None) -> None:
         if problem:
             raise ValueError(problem)
 

@@ -74,6 +74,8 @@ class AccountState(BaseModel):
     slots: list[Slot] = Field(default_factory=list)
     waiters: list[str] = Field(default_factory=list)
     last_check: str | None = None
+    # Updates handled before the run continues as new, carried so tests can lower it.
+    updates_per_run: int = UPDATES_PER_RUN
 
 
 class SlotBook:
@@ -390,7 +392,10 @@ class SenderAccountWorkflow:
         return not self._idle() or self._should_continue_as_new()
 
     def _should_continue_as_new(self) -> bool:
-        return self._updates >= UPDATES_PER_RUN or workflow.info().is_continue_as_new_suggested()
+        return (
+            self._updates >= self._state.updates_per_run
+            or workflow.info().is_continue_as_new_suggested()
+        )
 
     def _publish(self) -> None:
         state = self._state
