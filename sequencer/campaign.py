@@ -326,6 +326,14 @@ class Campaign(_Model):
         return result
 
 
+# Examples for the settings that are mappings, shown when a file gives something else.
+_MAPPING_EXAMPLES = {
+    "schedule": ', such as {timezone: Europe/Paris, days: mon-fri, start: "09:00", end: "17:00"}',
+    "linkedin": ", such as {account: default, daily_invites: 25}",
+    "sender": ", such as {email: rep@example.com}",
+}
+
+
 def _describe(error: dict[str, Any], data: Any) -> str:
     location = list(error["loc"])
     prefix = ""
@@ -355,6 +363,19 @@ def _describe(error: dict[str, Any], data: Any) -> str:
         message = "a campaign needs at least one step"
     elif error["type"] == "list_type":
         message = "expected a list of steps, each starting with `- type: ...`"
+    elif error["type"] in ("greater_than_equal", "greater_than"):
+        limit = error.get("ctx", {}).get("ge", error.get("ctx", {}).get("gt"))
+        message = f"invalid value {error['input']!r}: use a whole number of at least {limit}"
+    elif error["type"] == "string_pattern_mismatch":
+        message = (
+            f"invalid name {error['input']!r}: use letters, digits, dots, dashes, underscores "
+            "and @, starting with a letter or digit"
+        )
+    elif error["type"] in ("model_type", "dict_type", "model_attributes_type"):
+        example = _MAPPING_EXAMPLES.get(field, "")
+        message = f"expected a mapping of fields, not {error['input']!r}{example}"
+    elif error["type"] in ("int_parsing", "int_type", "int_from_float"):
+        message = f"invalid value {error['input']!r}: use a whole number"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
     where = ": ".join(part for part in (prefix, field) if part)

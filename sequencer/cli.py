@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sequencer.campaign import CampaignError, load_campaign
+from sequencer.campaign import Campaign, CampaignError, load_campaign
 from sequencer.config import load_settings
 from sequencer.durations import format_duration
 from sequencer.leads import LeadFileError, read_leads
@@ -114,7 +114,7 @@ def up(
             f"[bold]Sequencer local stack is up[/bold] (data in {stack.home})\n"
             f"  Temporal  {stack.settings.temporal_address}   UI {stack.ui_url}\n"
             f"  SMTP      {stack.smtp_url}   mailbox {stack.mailbox}\n"
-            f"  LinkedIn  {stack.settings.linkedin_url} (sandbox)\n"
+            f"  LinkedIn  {stack.settings.linkedin_url} (sandbox)   webhooks {stack.webhook_url}\n"
             "Press Ctrl-C to stop.",
             highlight=False,
         )
@@ -155,6 +155,32 @@ def validate(campaign: Annotated[Path, typer.Argument(help="Campaign YAML file."
         wait = "" if number == len(loaded.steps) else format_duration(step.wait_after)
         table.add_row(str(number), step.type, step.channel.value, wait)
     console.print(table)
+    for line in _settings_lines(loaded):
+        console.print(line, highlight=False)
+
+
+def _settings_lines(campaign: Campaign) -> list[str]:
+    """Describe the campaign's schedule and limits as they were read from the file."""
+    lines = [
+        "schedule: "
+        + (campaign.schedule.describe() if campaign.schedule else "none, steps run when due")
+    ]
+    if campaign.sender:
+        sender = campaign.sender
+        lines.append(
+            f"sender: {sender.email} via {sender.smtp_url}, at most {sender.daily_limit} emails "
+            f"in 24 hours, {format_duration(sender.min_spacing)} between two sends"
+        )
+    if any(step.channel.value == "linkedin" for step in campaign.steps):
+        linkedin = campaign.linkedin
+        lines.append(
+            f"LinkedIn account: {linkedin.account}, at most {linkedin.daily_invites} "
+            f"invitations in 24 hours; messages wait {format_duration(campaign.invite_timeout)} "
+            "at most for an invitation to be accepted"
+        )
+    if campaign.max_new_leads_per_day:
+        lines.append(f"new leads: at most {campaign.max_new_leads_per_day} started in 24 hours")
+    return lines
 
 
 @app.command()
@@ -578,7 +604,8 @@ def account_list(as_json: JsonOption = False) -> None:
         console.print("No sender account has been used yet.")
         return
     table = Table(title="Sender accounts")
-    for column in ("account", "status", "since", "paused leads", "sent in 24 h", "booked"):
+    # Slots count sends booked in the last 24 hours, whether the send succeeded or not.
+    for column in ("account", "status", "since", "leads waiting", "slots in 24 h", "ahead"):
         table.add_column(column)
     for row in rows:
         status = (

@@ -27,7 +27,7 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sequencer.addresses import InvalidEmailError, normalize_email
-from sequencer.campaign import Campaign, Sender, load_campaign
+from sequencer.campaign import Campaign, LinkedInAccount, Sender, load_campaign
 from sequencer.channels import Channel, EnrollmentStatus, StepStatus
 from sequencer.config import Settings, read_stack_file
 from sequencer.leads import ImportReport, read_leads
@@ -393,6 +393,11 @@ class Sequencer:
         campaign = self._campaign(campaign_ref)
         enrollment = self._enrollment(campaign, lead_ref)
         sender = None
+        if sender_email and sender_email.startswith("linkedin:"):
+            raise ServiceError(
+                f"--to takes an email sender, not {sender_email!r}: move LinkedIn steps with "
+                f"--linkedin-account {sender_email.removeprefix('linkedin:')}"
+            )
         if sender_email:
             current = campaign.sender
             values: dict[str, Any] = current.model_dump() if current else {}
@@ -411,6 +416,14 @@ class Sequencer:
                 raise ServiceError(f"invalid sender: {problems}") from None
         elif smtp_url:
             raise ServiceError("--smtp-url needs --to: name the sender address to move to")
+        if linkedin_account is not None:
+            try:
+                LinkedInAccount(account=linkedin_account)
+            except ValidationError:
+                raise ServiceError(
+                    f"invalid LinkedIn account {linkedin_account!r}: use letters, digits, dots, "
+                    "dashes, underscores and @, as in the campaign file's `linkedin.account`"
+                ) from None
         reassignment = Reassignment(sender=sender, linkedin_account=linkedin_account)
         return await self._update(enrollment, "reassign", reassignment)
 
@@ -550,8 +563,8 @@ class Sequencer:
         result = []
         query = f"WorkflowType = '{ACCOUNT_WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
         async for execution in client.list_workflows(query):
-            if "/" in execution.id:
-                continue  # a what-if run's account
+            if "/" in execution.id or execution.id.startswith("account-campaign-"):
+                continue  # a what-if run's account, or a campaign's budget of new leads
             handle = client.get_workflow_handle(execution.id)
             try:
                 result.append(await handle.query("status", result_type=AccountStatus))
@@ -563,8 +576,15 @@ class Sequencer:
         """Reconnect or disconnect a sender account, such as `email:rep@acme.test`."""
         if action not in ("reconnect", "disconnect"):
             raise ServiceError(f"unknown action {action!r}: use reconnect or disconnect")
-        if ":" not in account_id:
-            account_id = f"email:{account_id}" if "@" in account_id else f"linkedin:{account_id}"
+        account_id = account_id.strip()
+        if ":" not in account_id and "@" in account_id:
+            account_id = f"email:{account_id}"
+        channel = account_id.partition(":")[0]
+        if channel not in ("email", "linkedin"):
+            raise ServiceError(
+                f"invalid sender account {account_id!r}: use an email address, "
+                "email:ADDRESS or linkedin:NAME, as `sequencer account list` shows them"
+            )
         client = await self.client()
         handle = client.get_workflow_handle(account_workflow_id(account_id))
         try:
@@ -631,7 +651,7 @@ class Sequencer:
         try:
             return normalize_email(address)
         except InvalidEmailError as error:
-            raise ServiceError(f"invalid email address {address!r}: {error}") from None
+            raise ServiceError(str(error)) from None
 
     async def _update(self, enrollment: EnrollmentRow, name: str, argument: Any) -> str:
         """Send an update to a lead's workflow; a refused one raises ServiceError."""

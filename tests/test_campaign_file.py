@@ -132,3 +132,55 @@ def test_render_refuses_missing_variable():
 def test_template_syntax_errors(template):
     with pytest.raises(TemplateSyntaxError):
         render(template, {"first_name": "Ann"})
+
+
+EMAIL_STEP = {"type": "email", "subject": "Hi", "body": "Hello"}
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        (
+            {"sender": {"email": "a@b.co", "daily_limit": 0}},
+            "sender.daily_limit: invalid value 0: use a whole number of at least 1",
+        ),
+        (
+            {"max_new_leads_per_day": "many"},
+            "max_new_leads_per_day: invalid value 'many': use a whole number",
+        ),
+        ({"linkedin": {"account": "bad name"}}, "linkedin.account: invalid name 'bad name'"),
+        ({"linkedin": "default"}, "linkedin: expected a mapping of fields, not 'default'"),
+        ({"schedule": "weekdays"}, "such as {timezone: Europe/Paris"),
+        (
+            {"schedule": {"timezone": "Mars/Olympus", "start": "9", "end": "17"}},
+            "unknown timezone 'Mars/Olympus'",
+        ),
+        ({"invite_timeout": "0s"}, "invite_timeout: '0s' is not a positive duration"),
+        ({"sender": {"email": "a@b.co", "min_spacing": "soon"}}, "sender.min_spacing: invalid"),
+    ],
+)
+def test_limits_and_schedule_errors_named(settings, expected):
+    data = {"name": "Limits", "sender": {"email": "a@b.co"}, "steps": [EMAIL_STEP], **settings}
+    with pytest.raises(CampaignError) as error:
+        parse_campaign(data)
+    assert expected in str(error.value)
+
+
+def test_limits_and_schedule_read():
+    campaign = parse_campaign(
+        {
+            "name": "Limits",
+            "sender": {"email": "a@b.co", "daily_limit": 20, "min_spacing": "2m"},
+            "linkedin": {"account": "sales-1", "daily_invites": 10},
+            "schedule": {"timezone": "Europe/Paris", "days": "mon-fri", "start": 9, "end": 17},
+            "invite_timeout": "3d",
+            "max_new_leads_per_day": 40,
+            "steps": [EMAIL_STEP],
+        }
+    )
+    assert campaign.sender.daily_limit == 20
+    assert campaign.sender.min_spacing == timedelta(minutes=2)
+    assert campaign.linkedin.account_id == "linkedin:sales-1"
+    assert campaign.schedule.describe() == "Mon-Fri 09:00-17:00 Europe/Paris"
+    assert campaign.invite_timeout == timedelta(days=3)
+    assert parse_campaign(campaign.model_dump(mode="json")) == campaign

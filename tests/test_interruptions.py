@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -552,3 +552,58 @@ async def test_account_continues_as_new_and_keeps_its_bookings(time_skipping_env
     # Bookings made before each continue-as-new still count against the cap after it.
     assert busiest_day([r.steps[0].at for r in done]) == 4
     assert latest.run_id != first_run.result_run_id
+
+
+async def test_resumed_or_reassigned_lead_keeps_its_place(time_skipping_env):
+    env = time_skipping_env
+    channels = Channels()
+    camp = campaign(email(), sender={"email": "rep@acme.test", "daily_limit": 1})
+    async with Run(env, channels) as run:
+        first = await run.start(camp, lead(1))
+        second = await run.start(camp, lead(2))
+        third = await run.start(camp, lead(3))
+        for handle in (second, third):
+            await until(handle, lambda r: r.status == "paused", "the lead hits the limit")
+        with pytest.raises(WorkflowUpdateFailedError) as refused:
+            await second.execute_update(
+                LeadSequenceWorkflow.control, OperatorAction(action="resume")
+            )
+        assert "waits for a sending slot" in str(refused.value.cause)
+        # An operator's pause and resume put the lead back on its slot, paused by the limit.
+        await second.execute_update(LeadSequenceWorkflow.control, OperatorAction(action="pause"))
+        await second.execute_update(LeadSequenceWorkflow.control, OperatorAction(action="resume"))
+        back = await until(
+            second, lambda r: r.status == "paused" and events(r)[-1] == "paused", "re-paused"
+        )
+        assert back.log[-1].reason == "daily limit of email:rep@acme.test reached"
+        # Moving the third lead to another sender sends at once from there.
+        await third.execute_update(
+            LeadSequenceWorkflow.reassign, Reassignment(sender=Sender(email="backup@acme.test"))
+        )
+        moved = await result(third)
+        done = [await result(first), await result(second)]
+    assert moved.steps[0].at - moved.enrolled_at < MINUTE
+    # The second lead was sent at the slot it was given first, despite the pause and resume.
+    first_pause = next(e for e in done[1].log if e.status == "paused")
+    slot = datetime.strptime(first_pause.detail.split("next slot at ")[1], "%Y-%m-%d %H:%M UTC")
+    assert abs(done[1].steps[0].at - slot.replace(tzinfo=UTC)) < MINUTE
+    assert done[1].steps[0].at - done[0].steps[0].at > DAY
+    assert sorted(channels.senders) == ["backup@acme.test", "rep@acme.test", "rep@acme.test"]
+
+
+async def test_operator_disconnect_outlasts_the_health_check(time_skipping_env):
+    env = time_skipping_env
+    channels = Channels()
+    async with Run(env, channels, check_interval=timedelta(minutes=15)) as run:
+        handle = await run.start(campaign(email("1d"), email()), lead())
+        await until(handle, lambda r: r.steps[0].status == "sent", "step 1 is sent")
+        account = run.account("email:rep@acme.test")
+        await account.execute_update(SenderAccountWorkflow.disconnect, "mailbox migration")
+        await env.sleep(2 * DAY)
+        # The account works, but only an operator's reconnect ends an operator's disconnect.
+        assert (await account.query(SenderAccountWorkflow.status)).connected is False
+        assert (await state(handle)).status == "paused"
+        await account.execute_update(SenderAccountWorkflow.reconnect, "migrated")
+        done = await result(handle)
+    assert done.status == "completed"
+    assert done.steps[1].at - done.enrolled_at >= 2 * DAY

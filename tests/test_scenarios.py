@@ -212,3 +212,13 @@ async def test_simulated_account_outage_pauses_and_resumes(time_skipping_env):
     # Step 2 fell due at 1d while the inbox was disconnected, and ran when it came back.
     assert timeline(lead) == [(1, "sent", 0), (2, "sent", 3 * DAY)]
     assert lead["status"] == "completed"
+
+
+async def test_simulated_account_that_never_reconnects(time_skipping_env):
+    lead = await simulate(
+        time_skipping_env,
+        [email("1d"), email()],
+        {"events": [{"after": "12h", "type": "account_disconnected", "account": "email"}]},
+    )
+    assert lead["status"] == "paused"
+    assert timeline(lead) == [(1, "sent", 0), (2, "pending", None)]

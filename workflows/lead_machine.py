@@ -45,6 +45,7 @@ from sequencer.channels import (
     StepStatus,
     StepType,
 )
+from sequencer.durations import format_duration
 from sequencer.models import LogEntry, StepState
 
 # Enrollment lifecycle: trigger, source state(s), destination state.
@@ -253,7 +254,7 @@ class LeadSequence:
             raise ValueError("every step of this enrollment was executed: nothing to resume")
         self.start()
         self.enrolled_at = enrolled_at or now
-        self.next_due = self._schedule(now)
+        self.next_due = self._schedule(now, now)
         self._event(now, "resumed", detail=f"from step {first.step}")
         return first.step
 
@@ -320,7 +321,7 @@ class LeadSequence:
         """Enroll the lead: step 1 is due at once (rule 1)."""
         self.start()
         self.enrolled_at = now
-        self.next_due = self._schedule(now)
+        self.next_due = self._schedule(now, now)
         self._event(now, "enrolled")
 
     def start_step(self, number: int, now: datetime) -> bool:
@@ -435,35 +436,38 @@ class LeadSequence:
             return Ignored(problem)
         deadline = self.invite_deadline
         waiting = self.waiting_for == "invitation" and self.waiting_step is not None
-        if accepted and deadline is not None and now > deadline and not self.has_ended:
+        if accepted and deadline is not None and now > deadline:
             # Too late: the message step fails when it falls due (or failed already).
-            self._event(now, "invite_accepted_late", detail=detail)
-            self.invitation = "declined"
-            if waiting:
-                self._continue_waiting_message(now)
-            return Ignored(
-                f"the invitation was accepted after the {_days(self.invite_timeout)} timeout"
-            )
+            return Ignored(self._too_late(deadline))
         self.invitation = "accepted" if accepted else "declined"
         self._event(now, "invite_accepted" if accepted else "invite_declined", detail=detail)
         if waiting:
             self._continue_waiting_message(now)
         return Applied(f"invitation {'accepted' if accepted else 'declined'}")
 
-    def check_invitation(self) -> str | None:
+    def check_invitation(self, now: datetime | None = None, accepted: bool = True) -> str | None:
         """Return why an invitation response does not apply, or None when it does."""
         if self.invitation == "none":
             return "no LinkedIn invitation was sent to this lead"
         if self.invitation != "pending":
             return f"the invitation is already {self.invitation}"
+        deadline = self.invite_deadline
+        if accepted and now is not None and deadline is not None and now > deadline:
+            return self._too_late(deadline)
         return None
+
+    def _too_late(self, deadline: datetime) -> str:
+        return (
+            f"the invitation timed out at {deadline.strftime('%Y-%m-%d %H:%M UTC')}, "
+            f"{_days(self.invite_timeout)} after it was sent: its messages fail"
+        )
 
     def _continue_waiting_message(self, now: datetime) -> None:
         number = self.waiting_step
         assert number is not None
         if self.invitation == "accepted":
             # The message is sent now (within the sending schedule) by `next_action`.
-            self.next_due = self._schedule(now)
+            self.next_due = self._schedule(now, now)
             return
         self.start_step(number, now)
 
@@ -539,7 +543,7 @@ class LeadSequence:
         """Resume a paused enrollment with the wait it had left."""
         self.resume()
         if self.paused_remaining is not None:
-            self.next_due = self._schedule(now + self.paused_remaining)
+            self.next_due = self._schedule(now + self.paused_remaining, now)
         self.paused_remaining = None
         self.pause_reason = None
         self.paused_by = None
@@ -557,6 +561,11 @@ class LeadSequence:
             return f"the enrollment has already ended as {self.status}"
         if self.state != "paused":
             return "the enrollment is not paused"
+        if self.paused_by == "cap":
+            return (
+                f"the enrollment waits for a sending slot ({self.pause_reason}); it resumes by "
+                "itself at its slot, or reassign it to another sender"
+            )
         if self.paused_by != "operator":
             return (
                 f"the enrollment is paused because {self.pause_reason}; it resumes by itself "
@@ -586,8 +595,10 @@ class LeadSequence:
 
     def delay_start(self, until: datetime, now: datetime, reason: str) -> None:
         """Hold step 1 back until `until`, such as the campaign's next free start of the day."""
-        self.next_due = self._schedule(until)
-        self._event(now, "waiting", reason=reason, detail=f"until {until.isoformat()}")
+        self._event(
+            now, "waiting", reason=reason, detail=f"until {until.strftime('%Y-%m-%d %H:%M UTC')}"
+        )
+        self.next_due = self._schedule(until, now)
 
     def mark_unsubscribed(self, now: datetime, reason: str) -> EventResult:
         if self.unsubscribed:
@@ -609,7 +620,7 @@ class LeadSequence:
         """Schedule the next step `wait_after` of the executed step later (rule 2)."""
         if self.waiting_step == number:
             self._clear_waiting()
-        self._set_due(self._schedule(now + self.plan[number - 1].wait_after), now)
+        self._set_due(self._schedule(now + self.plan[number - 1].wait_after, now), now)
         self._continue_or_end(now, failed=False, keep_due=True)
 
     def _fail(
@@ -669,7 +680,7 @@ class LeadSequence:
             self._event(now, "ended", reason=status.value)
             return
         if not keep_due:
-            self._set_due(self._schedule(now), now)
+            self._set_due(self._schedule(now, now), now)
 
     def _set_due(self, due: datetime, now: datetime) -> None:
         self.next_due = due
@@ -687,9 +698,19 @@ class LeadSequence:
         self._clear_waiting()
         self.next_due = None
 
-    def _schedule(self, due: datetime) -> datetime:
-        """Move a due time into the sending window (rule 3)."""
-        return self.schedule.next_opening(due) if self.schedule else due
+    def _schedule(self, due: datetime, now: datetime) -> datetime:
+        """Move a due time into the sending window (rule 3), and say so in the log."""
+        if self.schedule is None:
+            return due
+        opening = self.schedule.next_opening(due)
+        if opening > due:
+            self._event(
+                now,
+                "waiting",
+                reason="outside the sending schedule",
+                detail=f"until {opening.strftime('%Y-%m-%d %H:%M UTC')}",
+            )
+        return opening
 
     def _opening(self, now: datetime) -> datetime:
         return self.schedule.next_opening(now) if self.schedule else now
@@ -754,11 +775,11 @@ class LeadSequence:
 
 
 def _days(delta: timedelta) -> str:
+    """Write a duration for people: `14 days`, `1 day`, `36h`, `30s`."""
     days = delta / timedelta(days=1)
     if days == int(days):
         return f"{int(days)} day" + ("" if days == 1 else "s")
-    hours = delta / timedelta(hours=1)
-    return f"{hours:g} hours"
+    return format_duration(delta)
 
 
 def plan_from_steps(steps: list) -> list[PlannedStep]:

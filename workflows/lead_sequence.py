@@ -150,7 +150,8 @@ class LeadSequenceWorkflow:
         self._ignored: list[str] = []
         self._interruptions = False
         # The sending slot booked for a step, and the account a paused lead waits for.
-        self._slot: tuple[int, str, datetime] | None = None
+        # (step, account id, slot time, why it is later than asked)
+        self._slot: tuple[int, str, datetime, str | None] | None = None
         self._account_wait: str | None = None
         self._signals: list[asyncio.Task[None]] = []
 
@@ -249,7 +250,7 @@ class LeadSequenceWorkflow:
 
     @answer_invitation.validator
     def _validate_invitation(self, answer: InvitationAnswer) -> None:
-        self._reject(self._machine.check_invitation())
+        self._reject(self._machine.check_invitation(workflow.now(), answer.accepted))
 
     @workflow.update
     async def control(self, action: OperatorAction) -> str:
@@ -404,6 +405,7 @@ class LeadSequenceWorkflow:
         problem = self._check_reassign(reassignment)
         if problem:
             return Ignored(problem)
+        waited_for_slot = self._slot is not None
         self._forget_account()
         moved = []
         if reassignment.sender is not None:
@@ -416,7 +418,13 @@ class LeadSequenceWorkflow:
             moved.append(f"LinkedIn account {reassignment.linkedin_account}")
         machine.note(now, "reassigned", detail=", ".join(moved))
         if machine.state == "paused" and machine.paused_by in ("account", "cap"):
+            self._resume_at = None
             machine.release(now, "reassigned")
+        if waited_for_slot and machine.waiting_step is None and machine.next_due:
+            # The slot belonged to the old account: the step asks the new one at once.
+            machine.next_due = min(machine.next_due, now)
+            if machine.state == "paused":
+                machine.paused_remaining = timedelta(0)
         return Applied("moved to " + " and ".join(moved))
 
     async def _start_budget(self) -> None:
@@ -538,21 +546,25 @@ class LeadSequenceWorkflow:
                 machine.hold(now, f"{account.id} is disconnected", "account", detail=grant.detail)
                 self._account_wait = account.id
                 return False
-            booked = (number, account.id, grant.at)
+            booked = (number, account.id, grant.at, grant.reason)
             self._slot = booked
-            if grant.at > now and grant.reason == "cap":
-                machine.next_due = grant.at
-                machine.hold(
-                    now, f"daily limit of {account.id} reached", "cap", detail=grant.detail
-                )
-                # The pause is the wait: the step runs as soon as it ends.
-                machine.paused_remaining = timedelta(0)
-                self._resume_at = grant.at
-                return False
-        if booked[2] > now:
+        if booked[2] <= now:
+            return True
+        if booked[3] == "cap":
+            # Held back by the daily limit: a pause that ends at the slot, which is the wait.
             machine.next_due = booked[2]
-            return False
-        return True
+            at = booked[2].strftime("%Y-%m-%d %H:%M UTC")
+            machine.hold(
+                now,
+                f"daily limit of {account.id} reached",
+                "cap",
+                detail=f"{_sends(step_type, self._limits(step_type)[0])}; next slot at {at}",
+            )
+            machine.paused_remaining = timedelta(0)
+            self._resume_at = booked[2]
+        else:
+            machine.next_due = booked[2]
+        return False
 
     async def _book(
         self,
@@ -731,6 +743,11 @@ class LeadSequenceWorkflow:
             + (", unsubscribed" if machine.unsubscribed else "")
             + f"\n\n| step | type | status | reason |\n|---|---|---|---|\n{rows}"
         )
+
+
+def _sends(step_type: str, cap: int | None) -> str:
+    kind = "emails" if step_type == "email" else f"{step_type.removeprefix('linkedin_')}s"
+    return f"{cap} {kind} were sent or booked in the last 24 hours"
 
 
 async def _signal_quietly(handle: workflow.ExternalWorkflowHandle, name: str) -> None:

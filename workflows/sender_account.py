@@ -74,6 +74,8 @@ class AccountState(BaseModel):
     slots: list[Slot] = Field(default_factory=list)
     waiters: list[str] = Field(default_factory=list)
     last_check: str | None = None
+    # An operator's disconnect is not undone by the health check, only by a reconnect.
+    by_operator: bool = False
     # Updates handled before the run continues as new, carried so tests can lower it.
     updates_per_run: int = UPDATES_PER_RUN
 
@@ -175,8 +177,16 @@ class SenderAccountWorkflow:
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 self._book.prune(workflow.now())
                 workflow.continue_as_new(self._state)
-            if not self._state.connected and self._state.account.check_interval:
-                await self._wait_or_check(self._state.account.check_interval)
+            if not self._state.connected:
+                if self._state.account.check_interval and not self._state.by_operator:
+                    await self._wait_or_check(self._state.account.check_interval)
+                else:
+                    # No health check: only an operator's reconnect ends the outage.
+                    await workflow.wait_condition(
+                        lambda: (
+                            self._state.connected or self._closing or self._should_continue_as_new()
+                        )
+                    )
                 continue
             if self._idle():
                 try:
@@ -197,7 +207,7 @@ class SenderAccountWorkflow:
                         bool(self._notify)
                         or self._closing
                         or self._should_continue_as_new()
-                        or (not self._state.connected and bool(self._state.account.check_interval))
+                        or not self._state.connected
                     ),
                     timeout=max(newest + WINDOW - workflow.now(), timedelta(seconds=1)),
                     timeout_summary="the last send leaves the 24-hour window",
@@ -227,8 +237,8 @@ class SenderAccountWorkflow:
         detail = None
         if reason == "cap":
             detail = (
-                f"{state.account.id} has sent its {request.cap} {request.kind} sends of the last "
-                "24 hours"
+                f"{state.account.id} reached its limit of {request.cap} {request.kind} sends "
+                "in 24 hours"
             )
         return SlotGrant(granted=True, at=at, reason=reason, detail=detail)
 
@@ -282,6 +292,7 @@ class SenderAccountWorkflow:
     def disconnect(self, detail: str | None) -> str:
         self._touch()
         self._disconnect(detail or "disconnected by an operator")
+        self._state.by_operator = True
         return f"{self._state.account.id} is now disconnected"
 
     @disconnect.validator
@@ -323,6 +334,7 @@ class SenderAccountWorkflow:
     def _connect(self, detail: str) -> None:
         state = self._state
         state.connected = True
+        state.by_operator = False
         state.reason = None
         state.since = workflow.now()
         state.last_check = detail
