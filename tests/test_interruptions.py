@@ -385,7 +385,7 @@ async def test_disconnected_account_pauses_its_leads_until_reconnected(time_skip
         assert DAY <= lead_result.steps[1].at - lead_result.steps[0].at < DAY + MINUTE
 
 
-async def test_health_check_resumes_leads_when_the_account_works_again(time_skipping_env):
+async def test_health_check_resumes_leads(time_skipping_env):
     env = time_skipping_env
     channels = Channels()
     channels.broken.add("rep@acme.test")
@@ -437,7 +437,7 @@ def busiest_day(times: list[datetime]) -> int:
     return max(sum(1 for t in times if start <= t < start + DAY) for start in times)
 
 
-async def test_two_hundred_leads_share_a_cap_of_fifty_a_day(time_skipping_env):
+async def test_daily_cap_across_200_leads(time_skipping_env):
     env = time_skipping_env
     channels = Channels()
     camp = campaign(email(), sender={"email": "rep@acme.test", "daily_limit": 50})
@@ -492,7 +492,7 @@ async def test_min_spacing_between_two_sends(time_skipping_env):
     assert all("paused" not in events(r) for r in done)
 
 
-async def test_campaign_starts_at_most_its_daily_number_of_new_leads(time_skipping_env):
+async def test_campaign_new_leads_per_day(time_skipping_env):
     env = time_skipping_env
     camp = campaign(email(), max_new_leads_per_day=2)
     async with Run(env, Channels()) as run:
