@@ -28,6 +28,7 @@ from pydantic import BaseModel, model_validator
 from temporalio import activity
 
 from activities.email import SmtpServer, format_reply, sender_hint, smtp_client
+from activities.linkedin import json_object
 from sequencer.addresses import ascii_email
 from sequencer.campaign import Sender
 from sequencer.smtp_replies import classify_smtp_reply
@@ -271,7 +272,7 @@ async def check_linkedin_account(
 
 def _judge_linkedin_response(provider: str, response: httpx.Response) -> tuple[bool, str]:
     status = response.status_code
-    payload = _json_object(response)
+    payload = json_object(response)
 
     if 200 <= status < 300:
         account_status = payload.get("status")
@@ -296,14 +297,6 @@ def _judge_linkedin_response(provider: str, response: httpx.Response) -> tuple[b
         f"unexpected {error} from the LinkedIn provider at {provider}. Check "
         f"SEQUENCER_LINKEDIN_URL and that the provider supports GET {LINKEDIN_ACCOUNT_ENDPOINT}"
     )
-
-
-def _json_object(response: httpx.Response) -> dict[str, Any]:
-    try:
-        payload = response.json()
-    except ValueError:
-        return {}
-    return payload if isinstance(payload, dict) else {}
 
 
 def _describe_http_error(status: int, payload: dict[str, Any], response: httpx.Response) -> str:

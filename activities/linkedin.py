@@ -160,7 +160,7 @@ class LinkedInActivities:
 
     def _outcome(self, input: StepInput, response: httpx.Response) -> StepOutcome:
         status = response.status_code
-        payload = _json_object(response)
+        payload = json_object(response)
         error_code = str(payload.get("error") or "")
         logger.info(
             "campaign %s workflow %s step %s: LinkedIn provider returned HTTP %s",
@@ -242,7 +242,8 @@ class LinkedInActivities:
         return StepOutcome(status=StepStatus.FAILED, reason=str(reason), detail=detail)
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
+def json_object(response: httpx.Response) -> dict[str, Any]:
+    """Return the response's JSON object, or an empty dict when the body is not one."""
     try:
         payload = response.json()
     except ValueError:
