@@ -483,6 +483,32 @@ def event_reply(
     console.print(_run(service.report_reply(campaign, lead, channel, auto)), highlight=False)
 
 
+@event_app.command("mail")
+def event_mail(
+    files: Annotated[
+        list[Path], typer.Argument(help="Messages from the sender's mailbox, as .eml files.")
+    ],
+) -> None:
+    """Apply messages from a sender's mailbox: bounces, delay warnings, replies, complaints.
+
+    Each is classified, matched to its lead by the Message-ID the engine sent (else by the
+    address), and applied once; a message applied before changes nothing.
+    """
+    service = _service()
+    failed = False
+    for path in files:
+        try:
+            raw = path.read_bytes()
+        except OSError as error:
+            errors.print(f"[red]error:[/red] cannot read {path}: {error.strerror}", highlight=False)
+            failed = True
+            continue
+        for line in _run(service.apply_mail(raw, source=str(path))):
+            console.print(line, highlight=False)
+    if failed:
+        raise typer.Exit(1)
+
+
 @event_app.command("invite-accepted")
 def event_invite_accepted(
     campaign: CampaignArgument,

@@ -7,11 +7,16 @@ Each operation validates first and changes nothing when it does not apply; error
 from __future__ import annotations
 
 import asyncio
+import email.policy
+import email.utils
+import hashlib
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +35,7 @@ from sequencer.addresses import InvalidEmailError, normalize_email
 from sequencer.campaign import Campaign, LinkedInAccount, Sender, load_campaign
 from sequencer.channels import Channel, EnrollmentStatus, StepStatus
 from sequencer.config import Settings, read_stack_file
+from sequencer.inbound import FailedRecipient, InboundKind, InboundMessage, classify_message
 from sequencer.leads import ImportReport, read_leads
 from sequencer.models import (
     TASK_QUEUE,
@@ -599,6 +605,138 @@ class Sequencer:
                 "sends through it; list them with `sequencer account list`"
             ) from None
 
+    # Mail that arrives in a sender's mailbox (bounces, replies)
+
+    async def apply_mail(self, raw: bytes, source: str = "message") -> list[str]:
+        """Classify one message from a sender's mailbox and apply it to the leads it is about.
+
+        Returns one line per change. A message applied before (same Message-ID, or the same
+        bytes without one) changes nothing.
+        """
+        message = classify_message(raw)
+        key = _message_key(raw)
+        head = f"{source}: {message.kind.value} ({message.subtype})"
+        if not self.store.claim_inbound(key, message.kind.value, message.reason):
+            return [f"{head}: applied before; nothing changed"]
+        try:
+            lines = await self._apply_inbound(message, raw)
+        except BaseException:
+            self.store.forget_inbound(key)
+            raise
+        if all(line.startswith(NO_LEAD) for line in lines):
+            # Nothing changed: the message may apply once its lead is launched.
+            self.store.forget_inbound(key)
+        return [head, *(f"  {line}" for line in lines)]
+
+    async def _apply_inbound(self, message: InboundMessage, raw: bytes) -> list[str]:
+        kind = message.kind
+        if kind == InboundKind.UNRELATED:
+            return [f"{NO_LEAD}: nothing to do"]
+        if kind in (InboundKind.HARD_BOUNCE, InboundKind.SOFT_BOUNCE, InboundKind.DELAY_WARNING):
+            lines = []
+            for recipient in message.recipients or (None,):
+                address = recipient.address if recipient else None
+                for enrollment, step in self._mail_targets(message, address):
+                    lines.append(await self._apply_bounce(message, recipient, enrollment, step))
+            return lines or [f"{NO_LEAD} ({message.reason})"]
+        sender = _from_address(raw)
+        addresses = [r.address for r in message.recipients] or ([sender] if sender else [])
+        if kind == InboundKind.COMPLAINT and message.subtype == "complaint":
+            lines = []
+            for address in addresses:
+                try:
+                    lines += await self.unsubscribe(address, reason="complaint")
+                except ServiceError as error:
+                    lines.append(str(error))
+            return lines or ["the complaint names no address: nothing to do"]
+        if kind == InboundKind.COMPLAINT:
+            return [f"a report about the sender, not a lead: {message.reason}"]
+        lines = []
+        for address in addresses:
+            for enrollment, _ in self._mail_targets(message, address):
+                auto = kind == InboundKind.AUTO_REPLY
+                try:
+                    lines.append(
+                        await self.report_reply(
+                            enrollment.campaign_id, enrollment.lead_key, "email", auto
+                        )
+                    )
+                except ServiceError as error:
+                    lines.append(str(error))
+        return lines or [f"{NO_LEAD} ({message.reason})"]
+
+    def _mail_targets(
+        self, message: InboundMessage, address: str | None
+    ) -> list[tuple[EnrollmentRow, int | None]]:
+        """Find the enrollments a message is about: by the Message-ID the engine sent, else by
+        the address, where the step is the last email step sent."""
+        match = ENGINE_MESSAGE_ID.search(message.original_message_id or "")
+        if match:
+            workflow_id = f"lead-{match['campaign']}-{match['ref']}"
+            try:
+                return [(self.store.get_enrollment_by_workflow(workflow_id), int(match["step"]))]
+            except NotFoundError:
+                pass
+        if not address:
+            return []
+        try:
+            key = normalize_email(address)
+        except InvalidEmailError:
+            return []
+        targets = []
+        for enrollment in self.store.enrollments_for_address(key):
+            campaign = self.store.get_campaign(enrollment.campaign_id)
+            sent = [
+                state.step
+                for state in self.store.step_states(enrollment.workflow_id, campaign)
+                if state.channel == Channel.EMAIL and state.status == StepStatus.SENT
+            ]
+            targets.append((enrollment, sent[-1] if sent else None))
+        return targets
+
+    async def _apply_bounce(
+        self,
+        message: InboundMessage,
+        recipient: FailedRecipient | None,
+        enrollment: EnrollmentRow,
+        step: int | None,
+    ) -> str:
+        label = f"{enrollment.campaign_id}: {enrollment.lead_key}"
+        detail = (
+            " ".join(part for part in (recipient.status, recipient.diagnostic) if part)
+            if recipient
+            else message.reason
+        )
+        hard = message.kind == InboundKind.HARD_BOUNCE and not (recipient and recipient.sender_side)
+        if hard and step is not None:
+            try:
+                return await self.report_failure(
+                    enrollment.campaign_id, enrollment.lead_key, step, "bounce", True, detail
+                )
+            except ServiceError as error:
+                return f"{label}: {error}"
+        if recipient is not None and recipient.sender_side:
+            name, reason = "sender_alert", "the receiving server blamed the sender"
+        elif message.kind == InboundKind.DELAY_WARNING:
+            name, reason = "delivery_delayed", "the message is not delivered yet"
+        elif hard:
+            name, reason = "bounce_without_step", "no email step of this lead was sent"
+        else:
+            name, reason = "soft_bounce", message.subtype
+        entry = LogEntry(
+            seq=0,
+            at=datetime.now(UTC),
+            kind="event",
+            status=name,
+            step=step,
+            reason=reason,
+            detail=(detail or "")[:500],
+        )
+        self.store.record_external(
+            enrollment.workflow_id, f"mail:{name}:{step}:{entry.at.isoformat()}", entry
+        )
+        return f"{label}: {name.replace('_', ' ')} recorded ({reason})"
+
     # Tasks
 
     def tasks(self, status: str | None = "open", campaign_ref: str | None = None) -> list[TaskRow]:
@@ -719,6 +857,29 @@ async def _start_lead(
             + ")"
         ),
     )
+
+
+# The start of the line for a message that concerns no enrolled lead.
+NO_LEAD = "no enrolled lead matches this message"
+# The Message-IDs that activities/email.py gives the engine's emails.
+ENGINE_MESSAGE_ID = re.compile(
+    r"<?(?P<campaign>[a-z0-9][a-z0-9-]{0,62})\.(?P<ref>[0-9a-f]{16})\.(?P<step>\d+)@[^>\s]+>?"
+)
+
+
+def _message_key(raw: bytes) -> str:
+    """Return the message's Message-ID, or a digest of its bytes when it has none."""
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    message_id = (headers.get("Message-ID") or "").strip()
+    if message_id:
+        return f"id:{message_id}"
+    return "sha256:" + hashlib.sha256(raw).hexdigest()
+
+
+def _from_address(raw: bytes) -> str | None:
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    _, address = email.utils.parseaddr(str(headers.get("From") or ""))
+    return address or None
 
 
 def _cause(error: WorkflowUpdateFailedError) -> str:

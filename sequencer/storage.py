@@ -108,6 +108,16 @@ tasks = Table(
     UniqueConstraint("workflow_id", "step"),
 )
 
+# Messages read from a sender's mailbox (bounces, replies), so that each is applied once.
+inbound_messages = Table(
+    "inbound_messages",
+    metadata,
+    Column("message_key", String(255), primary_key=True),
+    Column("kind", String(32), nullable=False),
+    Column("summary", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
 OPEN = "open"
 
 
@@ -411,6 +421,23 @@ class Store:
             if record.unsubscribe_address:
                 self._suppress(connection, record.unsubscribe_address, "bounce", record.workflow_id)
         return inserted
+
+    def claim_inbound(self, message_key: str, kind: str, summary: str) -> bool:
+        """Record an inbound message; return False when it was recorded before."""
+        statement = (
+            self._insert(inbound_messages)
+            .values(message_key=message_key[:255], kind=kind, summary=summary, received_at=_now())
+            .on_conflict_do_nothing()
+        )
+        with self.engine.begin() as connection:
+            return connection.execute(statement).rowcount == 1
+
+    def forget_inbound(self, message_key: str) -> None:
+        """Forget an inbound message whose processing failed, so that it can be tried again."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                inbound_messages.delete().where(inbound_messages.c.message_key == message_key[:255])
+            )
 
     def record_external(self, workflow_id: str, key: str, entry: LogEntry) -> bool:
         """Write an entry that did not come from the workflow (an event after it ended).

@@ -10,11 +10,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from activities.email import message_id_for
 from activities.records import StoreActivities
 from sequencer.config import load_settings
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
 from sequencer.temporal import lead_worker
+from tests.conftest import CORPUS
 
 FINAL = {"completed", "stopped", "replied", "removed"}
 EMAIL = {"type": "email", "subject": "Hi {{first_name}}", "body": "Hello"}
@@ -252,3 +254,72 @@ async def test_reassign_every_running_lead(sequencer, tmp_path, time_skipping_en
         await sequencer.control("moving", lead, "remove")
     with pytest.raises(ServiceError, match="has no lead left to move"):
         await sequencer.reassign_all("moving", "other@acme.test")
+
+
+BOUNCE_EML = CORPUS / "bounces" / "lhost-postfix-31.eml"
+
+
+@pytest.mark.skipif(not BOUNCE_EML.exists(), reason="the shared corpus is not beside the repo")
+async def test_bounce_message_fails_the_step(sequencer, tmp_path, time_skipping_env):
+    steps = [{**EMAIL, "wait_after": "2d"}, EMAIL, {"type": "call", "instructions": "Call"}]
+    campaign, leads = write(tmp_path, "dsn", steps)
+    leads.write_text("email,first_name,phone\nkijitora@gmail.com,Kiji,+33612345678\n")
+    await sequencer.launch(campaign, leads)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity("dsn", "kijitora@gmail.com").steps[0].status.value == "sent",
+        "step 1 is sent",
+    )
+    raw = BOUNCE_EML.read_bytes()
+    lines = await sequencer.apply_mail(raw, source="dsn.eml")
+    assert lines[0] == "dsn.eml: hard_bounce (user-unknown)"
+    assert "kijitora@gmail.com: step 1 marked bounced" in lines[1]
+    report = sequencer.activity("dsn", "kijitora@gmail.com")
+    assert [s.status.value for s in report.steps][:2] == ["bounced", "skipped"]
+    assert "5.1.1" in report.steps[0].detail
+    assert report.enrollment.unsubscribed is True
+    # The call runs at once, without the 2 days of wait.
+    await wait_for(time_skipping_env, lambda: sequencer.tasks("open", "dsn"), "the call opens")
+    again = await sequencer.apply_mail(raw, source="dsn.eml")
+    assert again == ["dsn.eml: hard_bounce (user-unknown): applied before; nothing changed"]
+    task = sequencer.tasks("open", "dsn")[0]
+    await sequencer.close_task(task.id, "done")
+
+
+async def test_reply_matched_by_message_id(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "threads", [{**EMAIL, "wait_after": "2d"}, EMAIL])
+    await sequencer.launch(campaign, leads)
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity("threads", "ann@example.com").steps[0].status.value == "sent",
+        "step 1 is sent",
+    )
+    sent_id = message_id_for("threads", "ann@example.com", 1, "rep@acme.test")
+    reply = (
+        "From: Ann <someone-else@example.org>\r\n"
+        "To: rep@acme.test\r\n"
+        "Subject: Re: Hi Ann\r\n"
+        "Message-ID: <reply-1@example.org>\r\n"
+        f"In-Reply-To: {sent_id}\r\n"
+        f"References: {sent_id}\r\n"
+        "\r\n"
+        "Sounds good, call me tomorrow.\r\n"
+    ).encode()
+    lines = await sequencer.apply_mail(reply, source="reply.eml")
+    assert lines[0].startswith("reply.eml: human_reply")
+    assert lines[1] == "  ann@example.com: reply recorded; the sequence stops"
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("threads")[0].status == "replied",
+        "the reply stops the sequence",
+    )
+    unrelated = (
+        reply.replace(f"In-Reply-To: {sent_id}\r\n".encode(), b"")
+        .replace(f"References: {sent_id}\r\n".encode(), b"")
+        .replace(b"<reply-1@", b"<other-1@")
+    )
+    assert (await sequencer.apply_mail(unrelated, source="other.eml"))[1:] == [
+        "  no enrolled lead matches this message: nothing to do"
+    ]
+    # A message that matched no lead is not remembered: it may apply once its lead exists.
+    assert len(await sequencer.apply_mail(unrelated, source="other.eml")) == 2
