@@ -312,10 +312,15 @@ class EmailActivities:
                     reply_code=_reply_code(error.code, reply),
                 )
             return self._sender_alert(input, server, verdict, reply)
+        hint = sender_hint(
+            classify_smtp_reply(error.code, reply).subtype,
+            "check that the sender's email address belongs to the account that logs in",
+        )
         return self._account_interrupted(
             input,
-            f"SMTP server {server} rejected the sender address: {reply}. Check that the "
-            "sender's email address belongs to the account that logs in",
+            f"SMTP server {server} rejected the sender address: {reply}. "
+            + hint[0].upper()
+            + hint[1:],
         )
 
     def _not_supported(

@@ -232,6 +232,8 @@ async def test_send_email_outage_interrupts_account(sink: SmtpSink, mailbox: Pat
     assert raised.value.type == ACCOUNT_INTERRUPTED_ERROR_TYPE
     assert raised.value.non_retryable
     assert OUTAGE_REPLY in raised.value.message
+    # A credentials reply points at the credentials, not at the sender's address.
+    assert "Check the SMTP username and password of the sender" in raised.value.message
     assert outcome.status == StepStatus.SENT
     assert len(read_mailbox(mailbox)) == 1
 
