@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from temporalio import activity
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from activities.accounts import AccountCheck, AccountCheckInput
@@ -124,6 +124,7 @@ class Run:
         self.env = env
         self.channels = channels
         self.task_queue = f"interruptions-{uuid.uuid4()}"
+        self.leads: list[WorkflowHandle] = []
         self.worker = lead_worker(
             env.client,
             self.task_queue,
@@ -137,15 +138,23 @@ class Run:
         return self
 
     async def __aexit__(self, *exc_info: Any) -> None:
+        # A lead left running after a failed test would stop the shared test server's clock
+        # for every later test, so end it while the worker still runs.
+        for handle in self.leads:
+            description = await handle.describe()
+            if description.status == WorkflowExecutionStatus.RUNNING:
+                await handle.terminate("the test is over")
         await self.worker.__aexit__(*exc_info)
 
     async def start(self, camp, lead: Lead) -> WorkflowHandle:
-        return await self.env.client.start_workflow(
+        handle = await self.env.client.start_workflow(
             LeadSequenceWorkflow.run,
             EnrollmentInput(campaign=camp, lead=lead),
             id=f"lead-{uuid.uuid4()}",
             task_queue=self.task_queue,
         )
+        self.leads.append(handle)
+        return handle
 
     def account(self, account_id: str) -> WorkflowHandle:
         return self.env.client.get_workflow_handle(account_workflow_id(account_id, self.task_queue))
@@ -465,6 +474,8 @@ async def test_reconnect_while_the_cap_is_reached(time_skipping_env):
     camp = campaign(email(), sender={"email": "rep@acme.test", "daily_limit": 1})
     async with Run(env, channels) as run:
         first = await run.start(camp, lead(1))
+        # One lead at a time, so that the first one gets the day's only slot.
+        await until(first, lambda r: r.steps[0].status == "sent", "the first lead is sent")
         second = await run.start(camp, lead(2))
         await until(second, lambda r: r.status == "paused", "the second lead hits the cap")
         account = run.account("email:rep@acme.test")
@@ -559,11 +570,13 @@ async def test_resumed_or_reassigned_lead_keeps_its_place(time_skipping_env):
     channels = Channels()
     camp = campaign(email(), sender={"email": "rep@acme.test", "daily_limit": 1})
     async with Run(env, channels) as run:
+        # One lead at a time, so that they book the slots in this order.
         first = await run.start(camp, lead(1))
+        await until(first, lambda r: r.steps[0].status == "sent", "the first lead is sent")
         second = await run.start(camp, lead(2))
+        await until(second, lambda r: r.status == "paused", "the second lead hits the limit")
         third = await run.start(camp, lead(3))
-        for handle in (second, third):
-            await until(handle, lambda r: r.status == "paused", "the lead hits the limit")
+        await until(third, lambda r: r.status == "paused", "the third lead hits the limit")
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await second.execute_update(
                 LeadSequenceWorkflow.control, OperatorAction(action="resume")
