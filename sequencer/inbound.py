@@ -69,7 +69,7 @@ class FailedRecipient:
     sender_side: bool
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class InboundMessage:
     """The verdict on one inbound message.
 
@@ -85,10 +85,10 @@ class InboundMessage:
 
     kind: InboundKind
     subtype: str
-    recipients: tuple[FailedRecipient, ...]
-    original_message_id: str | None
-    return_date: date | None
     reason: str
+    recipients: tuple[FailedRecipient, ...] = ()
+    original_message_id: str | None = None
+    return_date: date | None = None
 
 
 def classify_message(raw: bytes) -> InboundMessage:
@@ -117,17 +117,12 @@ def classify_message(raw: bytes) -> InboundMessage:
         return InboundMessage(
             kind=InboundKind.HUMAN_REPLY,
             subtype="reply",
-            recipients=(),
             original_message_id=parent_id,
-            return_date=None,
             reason=f"reply to {parent_id} with no bounce or auto-reply markers",
         )
     return InboundMessage(
         kind=InboundKind.UNRELATED,
         subtype="ordinary-message",
-        recipients=(),
-        original_message_id=None,
-        return_date=None,
         reason="no bounce, report or auto-reply markers and no In-Reply-To or References",
     )
 
@@ -342,7 +337,6 @@ def _bounce_message(
         subtype=chosen.subtype,
         recipients=tuple(recipient for recipient, _ in classified),
         original_message_id=original_message_id,
-        return_date=None,
         reason=(
             f"{source} reports {len(classified)} failed recipient(s); {chosen.address}: "
             f"{side}{chosen.subtype} (status {chosen.status or 'none'})"
@@ -462,7 +456,6 @@ def _classify_delivery_status(
             subtype="delay-warning",
             recipients=tuple(recipients),
             original_message_id=original_message_id,
-            return_date=None,
             reason=(
                 f"delivery status notification with Action: delayed for {len(recipients)} "
                 "recipient(s); the message may still be delivered"
@@ -473,9 +466,7 @@ def _classify_delivery_status(
     return InboundMessage(
         kind=InboundKind.UNRELATED,
         subtype="delivery-report",
-        recipients=(),
         original_message_id=original_message_id,
-        return_date=None,
         reason=f"delivery status notification with no failed or delayed recipient ({actions})",
     )
 
@@ -598,9 +589,7 @@ def _classify_plain_bounce(message: Message, text: str) -> InboundMessage:
         return InboundMessage(
             kind=InboundKind.SOFT_BOUNCE,
             subtype="unparsed-bounce",
-            recipients=(),
             original_message_id=original_message_id,
-            return_date=None,
             reason="looks like a bounce (sender or subject), but names no failed recipient",
         )
 
@@ -668,7 +657,6 @@ def _classify_feedback_report(message: Message, text: str) -> InboundMessage:
         subtype=subtype,
         recipients=recipients,
         original_message_id=original_message_id,
-        return_date=None,
         reason=reason,
     )
 
