@@ -491,8 +491,8 @@ def event_mail(
 ) -> None:
     """Apply messages from a sender's mailbox: bounces, delay warnings, replies, complaints.
 
-    Each is classified, matched to its lead by the Message-ID the engine sent (else by the
-    address), and applied once; a message applied before changes nothing.
+    Each message is classified and matched to its lead by the Message-ID the engine sent, or
+    else by the address. A message applied before changes nothing.
     """
     service = _service()
     failed = False

@@ -117,8 +117,8 @@ class StepOutcome(BaseModel):
     ]
     reason: str | None = None
     detail: str | None = None  # a provider reference or the SMTP reply, shown in Activity
-    # For a sent invitation: "accepted" when the provider says the lead is already a
-    # connection; otherwise the invitation is pending until the lead answers.
+    # For a sent invitation: "accepted" when the provider reports the lead as already a
+    # connection; otherwise the invitation is pending until the lead responds.
     invitation: Literal["pending", "accepted"] | None = None
 
 
@@ -172,7 +172,7 @@ class TaskOutcome(BaseModel):
 
 
 class InvitationAnswer(BaseModel):
-    """The lead's answer to a LinkedIn invitation, reported by the provider or an operator."""
+    """The lead's response to a LinkedIn invitation, reported by the provider or an operator."""
 
     accepted: bool
     detail: str | None = None

@@ -164,14 +164,14 @@ async def state(handle: WorkflowHandle) -> EnrollmentResult:
     return await handle.query(LeadSequenceWorkflow.activity)
 
 
-async def until(handle: WorkflowHandle, predicate, what: str) -> EnrollmentResult:
+async def until(handle: WorkflowHandle, predicate, description: str) -> EnrollmentResult:
     """Poll the lead's state (in real time: the server does not skip time while polling)."""
     for _ in range(200):
         result = await state(handle)
         if predicate(result):
             return result
         await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting until {what}; last state: {result}")
+    raise AssertionError(f"timed out waiting until {description}; last state: {result}")
 
 
 async def result(handle: WorkflowHandle) -> EnrollmentResult:

@@ -315,7 +315,7 @@ def invited(timeout: timedelta = 14 * DAY) -> LeadSequence:
     return sequence
 
 
-def test_acceptance_in_the_same_instant_as_the_timeout_counts():
+def test_acceptance_at_deadline_counts():
     sequence = invited(timeout=2 * DAY)
     deadline = T0 + 2 * DAY
     assert isinstance(sequence.next_action(deadline - timedelta(seconds=1)), AwaitInvitation)
@@ -339,7 +339,7 @@ def test_acceptance_after_the_timeout_is_refused():
     assert sequence.next_action(late) == Execute(3)
 
 
-def test_late_failure_of_the_invitation_skips_the_waiting_message():
+def test_failed_invite_skips_waiting_message():
     sequence = invited()
     sequence.late_failure(1, "provider_rejected", T0 + 2 * DAY)
     assert sequence.step(2).status == StepStatus.SKIPPED
@@ -368,7 +368,7 @@ def test_removal_skips_what_is_left_and_ends():
     assert sequence.check_pause() == "the enrollment has already ended as removed"
 
 
-def test_schedule_moves_each_send_into_the_window_across_a_dst_change():
+def test_schedule_across_dst_change():
     schedule = SendingSchedule(timezone="Europe/Paris", days="mon-fri", start="09:00", end="17:00")
     plan = [PlannedStep(n, StepType.EMAIL, 13 * timedelta(hours=1)) for n in range(1, 9)]
     sequence = LeadSequence(plan, schedule=schedule)
@@ -391,7 +391,7 @@ def test_schedule_moves_each_send_into_the_window_across_a_dst_change():
     assert sends[1] == datetime(2026, 3, 30, 7, 0, tzinfo=UTC)
 
 
-def test_begin_again_resumes_from_the_first_step_never_executed():
+def test_begin_again_from_first_unexecuted():
     sequence = machine([(StepType.EMAIL, DAY)] * 3)
     sequence.record_outcome(1, StepStatus.BOUNCED, T0, "bounce")
     assert sequence.status == EnrollmentStatus.STOPPED

@@ -201,6 +201,7 @@ async def test_resubscribe_resumes_bounced_enrollment(sequencer, tmp_path, time_
         lambda: sequencer.activity("again", "ann@example.com").steps[0].status.value == "sent",
         "step 1 is sent",
     )
+
     await sequencer.report_failure("again", "ann@example.com", 1, "bounce", True)
     await wait_for(
         time_skipping_env,
@@ -209,6 +210,7 @@ async def test_resubscribe_resumes_bounced_enrollment(sequencer, tmp_path, time_
     )
     with pytest.raises(ServiceError, match="already unsubscribed"):
         await sequencer.unsubscribe("ann@example.com")
+
     lines = await sequencer.resubscribe("ANN@example.com", resume=True)
     assert lines[0].startswith("ann@example.com re-subscribed")
     assert "again: ann@example.com: resumed from step 2 (email)" in lines
@@ -217,6 +219,7 @@ async def test_resubscribe_resumes_bounced_enrollment(sequencer, tmp_path, time_
             break
         await time_skipping_env.sleep(timedelta(days=1))
     assert sequencer.enrollments("again")[0].status == "completed"
+
     report = sequencer.activity("again", "ann@example.com")
     assert [s.status.value for s in report.steps] == ["bounced", "sent", "sent"]
     assert report.enrollment.unsubscribed is False

@@ -699,7 +699,7 @@ class LeadSequence:
         self.next_due = None
 
     def _schedule(self, due: datetime, now: datetime) -> datetime:
-        """Move a due time into the sending window (rule 3), and say so in the log."""
+        """Move a due time into the sending window (rule 3), and log a `waiting` event if moved."""
         if self.schedule is None:
             return due
         opening = self.schedule.next_opening(due)

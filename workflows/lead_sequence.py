@@ -421,7 +421,7 @@ class LeadSequenceWorkflow:
             self._resume_at = None
             machine.release(now, "reassigned")
         if waited_for_slot and machine.waiting_step is None and machine.next_due:
-            # The slot belonged to the old account: the step asks the new one at once.
+            # The slot belonged to the old account, so the step books one on the new one at once.
             machine.next_due = min(machine.next_due, now)
             if machine.state == "paused":
                 machine.paused_remaining = timedelta(0)

@@ -5,10 +5,10 @@ the `reserve` update (sent through update-with-start by the `reserve_slot` activ
 account's workflow starts on first use). A workflow handles its updates one at a time, so two
 leads never get the same slot, whichever worker or campaign they come from.
 
-The account also holds its status (rule 8). A lead that finds the account unusable reports it
-with `report_problem`; the account is then disconnected, every lead that asks for a slot is
-told so and is remembered, and all of them get the `account_reconnected` signal once an
-operator reconnects the account or the periodic health check finds that it works again.
+The account workflow also keeps the account's status (rule 8). A lead that finds the account
+unusable reports it with `report_problem`, and the account is then disconnected. Every lead that
+requests a slot gets a refusal and is remembered. All of them get the `account_reconnected`
+signal once an operator reconnects the account or the periodic health check finds it working.
 
 `SlotBook` is the booking arithmetic, kept free of Temporal so that it is tested on its own.
 """
