@@ -21,9 +21,11 @@ from temporalio.worker import Worker
 from activities.accounts import AccountActivities
 from activities.email import EmailActivities
 from activities.linkedin import LinkedInActivities
+from activities.mailbox import CredentialsFor, ImapCredentials, MailboxActivities
 from activities.records import StoreActivities
 from sequencer.config import Settings, load_settings
 from sequencer.models import TASK_QUEUE
+from sequencer.service import Sequencer
 from sequencer.storage import Store
 from sequencer.temporal import connect, exit_without_teardown, lead_worker
 
@@ -36,10 +38,15 @@ def build_worker(
     store: Store,
     linkedin: LinkedInActivities,
     accounts: AccountActivities,
+    service: Sequencer,
     task_queue: str = TASK_QUEUE,
 ) -> Worker:
-    """Build a worker with every workflow and activity; the caller owns the clients."""
+    """Build a worker with every workflow and activity; the caller owns the clients.
+
+    `service` applies the mail that the mailbox pollers read.
+    """
     records = StoreActivities(store)
+    mailbox = MailboxActivities(service.apply_mail, imap_credentials(settings))
 
     async def is_suppressed(address: str) -> bool:
         return await asyncio.to_thread(store.is_suppressed, address)
@@ -58,11 +65,24 @@ def build_worker(
             records.create_task,
             records.record_activity,
             accounts.check_account,
+            mailbox.poll_mailbox,
         ],
         account_check_interval=settings.account_check_interval,
         # On shutdown, running activities get this long to finish before they are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=20),
     )
+
+
+def imap_credentials(settings: Settings) -> CredentialsFor:
+    """Return the IMAP login of a sender's mailbox from the settings: the same password for
+    every mailbox, and the sender's address as user name unless SEQUENCER_IMAP_USERNAME is set."""
+
+    def credentials_for(address: str) -> ImapCredentials | None:
+        if not settings.imap_password:
+            return None
+        return ImapCredentials(settings.imap_username or address, settings.imap_password)
+
+    return credentials_for
 
 
 def account_activities(settings: Settings) -> AccountActivities:
@@ -86,7 +106,9 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         stack.push_async_callback(linkedin.aclose)
         accounts = account_activities(settings)
         stack.push_async_callback(accounts.aclose)
-        worker = build_worker(client, settings, store, linkedin, accounts)
+        service = Sequencer(settings, client=client)
+        stack.callback(service.close)
+        worker = build_worker(client, settings, store, linkedin, accounts, service)
         logger.info("Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address)
         async with worker:
             await stop.wait()

@@ -209,6 +209,9 @@ class Sender(_SendingAccount):
     email: str
     name: str | None = None
     smtp_url: str = DEFAULT_SMTP_URL
+    # The mailbox that bounces and replies arrive in. Without it, the worker's
+    # SEQUENCER_IMAP_URL is used, and with neither the mailbox is not read.
+    imap_url: str | None = None
     daily_limit: int = Field(default=DEFAULT_DAILY_EMAILS, ge=1)
 
     @property
@@ -238,6 +241,25 @@ class Sender(_SendingAccount):
             )
         if not parts.hostname:
             raise ValueError(f"invalid SMTP URL {value!r}: the host is missing")
+        return value
+
+    @field_validator("imap_url")
+    @classmethod
+    def _check_imap_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("imap", "imaps"):
+            raise ValueError(
+                f"invalid IMAP URL {value!r}: expected imap://HOST:PORT or imaps://HOST:PORT"
+            )
+        if parts.username or parts.password:
+            raise ValueError(
+                "IMAP credentials must not be written in the campaign file: remove them from "
+                "imap_url and set SEQUENCER_IMAP_USERNAME and SEQUENCER_IMAP_PASSWORD instead"
+            )
+        if not parts.hostname:
+            raise ValueError(f"invalid IMAP URL {value!r}: the host is missing")
         return value
 
 

@@ -33,10 +33,12 @@ event_app = typer.Typer(help="Report an event for a lead: a bounce, a failed ste
 task_app = typer.Typer(help="Calls and manual tasks waiting for a person.")
 lead_app = typer.Typer(help="Operator controls for one lead: pause, resume, remove, reassign.")
 account_app = typer.Typer(help="Sender accounts: their status, limits and outages.")
+mailbox_app = typer.Typer(help="Sender mailboxes read for bounces and replies.")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
 app.add_typer(lead_app, name="lead")
 app.add_typer(account_app, name="account")
+app.add_typer(mailbox_app, name="mailbox")
 
 console = Console()
 errors = Console(stderr=True)
@@ -92,6 +94,9 @@ def up(
     webhook_port: Annotated[
         int, typer.Option(help="Port of the receiver for provider webhooks.")
     ] = 8766,
+    imap_port: Annotated[
+        int, typer.Option(help="Local IMAP server (Dovecot) port, when Dovecot is installed.")
+    ] = 1143,
 ) -> None:
     """Run the local stack in the foreground: Temporal, its UI, SMTP, LinkedIn sandbox, worker.
 
@@ -101,7 +106,9 @@ def up(
 
     _configure_logging()
     stack = LocalStack(
-        load_settings(), StackPorts(temporal_port, ui_port, smtp_port, linkedin_port, webhook_port)
+        load_settings(), StackPorts(
+            temporal_port, ui_port, smtp_port, linkedin_port, webhook_port, imap_port
+        )
     )
 
     async def serve() -> None:
@@ -115,6 +122,7 @@ def up(
             f"  Temporal  {stack.settings.temporal_address}   UI {stack.ui_url}\n"
             f"  SMTP      {stack.smtp_url}   mailbox {stack.mailbox}\n"
             f"  LinkedIn  {stack.settings.linkedin_url} (sandbox)   webhooks {stack.webhook_url}\n"
+            f"  IMAP      {stack.imap_url or 'none (install dovecot-imapd to read mailboxes)'}\n"
             "Press Ctrl-C to stop.",
             highlight=False,
         )
@@ -201,6 +209,14 @@ def launch(
         print(json.dumps(_launch_dict(report), indent=2, default=str))
         return
     _print_import(report)
+    sender = report.campaign.sender
+    if report.mailbox and sender:
+        console.print(f"Reading the mailbox of {sender.email} for bounces and replies")
+    elif sender and any(step.type == "email" for step in report.campaign.steps):
+        console.print(
+            f"The mailbox of {sender.email} is not read: set the sender's imap_url or "
+            "SEQUENCER_IMAP_URL so that bounces and replies are found without `sequencer event`"
+        )
 
 
 def _launch_dict(report: LaunchReport) -> dict[str, Any]:
@@ -210,6 +226,7 @@ def _launch_dict(report: LaunchReport) -> dict[str, Any]:
         "campaign_id": report.campaign.id,
         "enrolled": report.enrolled,
         "already_enrolled": report.already_enrolled,
+        "mailbox_workflow": report.mailbox,
         "warnings": [
             {"row": lead.row, "lead": lead.lead.key, "warnings": lead.warnings}
             for lead in imported.leads
@@ -646,6 +663,37 @@ def account_list(as_json: JsonOption = False) -> None:
             str(row.waiting_leads),
             ", ".join(f"{kind} {count}" for kind, count in sorted(row.sends_last_24h.items())),
             str(row.booked_ahead),
+        )
+    console.print(table)
+
+
+@mailbox_app.command("list")
+def mailbox_list(as_json: JsonOption = False) -> None:
+    """Show every mailbox being read: how far, how many messages, and the last poll."""
+    rows = _run(_service().mailboxes())
+    if as_json:
+        print(json.dumps([json.loads(row.model_dump_json()) for row in rows], indent=2))
+        return
+    if not rows:
+        console.print(
+            "No mailbox is read: `sequencer launch` starts reading the sender's mailbox when "
+            "the sender has an imap_url or SEQUENCER_IMAP_URL is set."
+        )
+        return
+    table = Table(title="Mailboxes")
+    for column in ("address", "server", "every", "polls", "messages", "not applied", "last poll"):
+        table.add_column(column)
+    for row in rows:
+        totals = row.totals
+        last = totals.last_poll_at.strftime("%Y-%m-%d %H:%M:%S") if totals.last_poll_at else ""
+        table.add_row(
+            row.address,
+            row.imap_url,
+            format_duration(row.poll_interval),
+            str(totals.polls),
+            str(totals.messages),
+            str(totals.failed),
+            f"{last} {totals.last_summary or ''}".strip(),
         )
     console.print(table)
 

@@ -1,11 +1,13 @@
 """`sequencer demo`: the example campaigns on the local stack, watched until every lead ends.
 
 The demo plays the parts of the outside world that a real deployment gets from elsewhere: it
-reports the late bounce of the `late-bounce` lead as a mail system would, and completes the
-call tasks as a sales rep would. The local stack plays the rest: its LinkedIn sandbox accepts
-invitations 10 seconds after they are sent (so the LinkedIn messages wait for them), and its
-SMTP server refuses the email-only campaign's sender for 20 seconds (so those leads pause, and
-resume by themselves once the account's health check finds the inbox working again).
+completes the call tasks as a sales rep would, and, on a stack without an IMAP server, reports
+the late bounce of the `late-bounce` lead as a mail system would. The local stack plays the
+rest: its SMTP server sends the late bounce, and the `reply` lead's answer, into the sender's
+IMAP mailbox (Dovecot), where the worker's mailbox poller finds them; its LinkedIn sandbox
+accepts invitations 10 seconds after they are sent (so the LinkedIn messages wait for them);
+and its SMTP server refuses the email-only campaign's sender for 20 seconds (so those leads
+pause, and resume by themselves once the account's health check finds the inbox working again).
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ async def run_demo(settings: Settings, console: Console, timeout: float) -> None
         console.print(f"Temporal UI: {stack.ui_url}")
     smtp_url = stack.smtp_url if stack else running.get("smtp_url")
     service = Sequencer(settings)
+    if settings.imap_url:
+        console.print(f"Senders' mailboxes are read over IMAP at {settings.imap_url}")
     try:
         await _run(service, console, timeout, smtp_url)
     finally:
@@ -173,12 +177,26 @@ async def _play_world(
     sent_at: dict[str, float],
     console: Console,
 ) -> None:
-    """Report the late bounce and complete open tasks, as the outside world would."""
+    """Report the late bounce and complete open tasks, as the outside world would.
+
+    With an IMAP server in the stack, the bounce arrives in the sender's mailbox instead, and
+    the demo only says when the worker applied it.
+    """
     now = time.monotonic()
     for report in reports:
         campaign = report.campaign
         for row, steps in snapshot[campaign.id]:
             if not row.lead_key.startswith("late-bounce") or row.workflow_id in late_bounced:
+                continue
+            if report.mailbox:
+                if any(s.status == StepStatus.BOUNCED for s in steps):
+                    late_bounced.add(row.workflow_id)
+                    console.print(
+                        f"[magenta]mailbox:[/magenta] {row.lead_key}: a bounce arrived in the "
+                        f"mailbox of {campaign.sender.email if campaign.sender else 'the sender'} "
+                        "and the worker applied it",
+                        highlight=False,
+                    )
                 continue
             first_email = next(
                 (s for s in steps if s.channel == "email" and s.status == StepStatus.SENT), None

@@ -7,7 +7,7 @@ fields get defaults so that histories recorded before they existed still decode.
 from __future__ import annotations
 
 import hashlib
-from datetime import datetime, timedelta
+from datetime import date, datetime, timedelta
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -163,6 +163,8 @@ class Reply(BaseModel):
     channel: str | None = None
     auto_reply: bool = False  # an out-of-office reply is recorded but is not a reply
     detail: str | None = None
+    # The return date that an out-of-office reply states.
+    back_on: date | None = None
 
 
 class TaskOutcome(BaseModel):
@@ -278,3 +280,67 @@ class TaskInput(BaseModel):
 
 
 EnrollmentResult.model_rebuild()
+
+
+# Mailbox polling: the IMAP mailbox of a sender account, read for bounces and replies.
+
+
+class MailboxCursor(BaseModel):
+    """How far a mailbox has been read: the highest UID processed under one UIDVALIDITY.
+
+    IMAP gives each message of a mailbox a UID that only grows, for as long as the mailbox's
+    UIDVALIDITY stays the same (RFC 3501, section 2.3.1.1).
+    """
+
+    uidvalidity: int | None = None
+    last_uid: int = 0
+
+
+class MailboxTotals(BaseModel):
+    polls: int = 0
+    messages: int = 0
+    failed: int = 0
+    last_poll_at: datetime | None = None
+    last_summary: str | None = None
+
+
+class MailboxInput(BaseModel):
+    """A mailbox poller's input: which mailbox, how often, and where the last run stopped.
+
+    The mailbox's password is not here: workflow inputs are stored in the history, so the
+    activity reads it from the worker's settings.
+    """
+
+    address: str
+    imap_url: str
+    poll_interval: timedelta = timedelta(minutes=1)
+    # Continue as new after this many polls, so the history stays small (about 10 events a
+    # poll).
+    polls_per_run: int = Field(default=150, ge=1)
+    # The first poll, and the first after a UIDVALIDITY change, read messages from this date on.
+    since: date | None = None
+    cursor: MailboxCursor = Field(default_factory=MailboxCursor)
+    totals: MailboxTotals = Field(default_factory=MailboxTotals)
+
+
+class PollRequest(BaseModel):
+    address: str
+    imap_url: str
+    since: date
+    cursor: MailboxCursor
+
+
+class PollResult(BaseModel):
+    cursor: MailboxCursor
+    messages: int = 0
+    # Messages that could not be applied and were passed over, by UID.
+    failed_uids: list[int] = Field(default_factory=list)
+    uidvalidity_changed: bool = False
+
+
+class MailboxStatus(BaseModel):
+    address: str
+    imap_url: str
+    poll_interval: timedelta
+    cursor: MailboxCursor
+    totals: MailboxTotals

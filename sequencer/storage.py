@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -116,6 +116,15 @@ inbound_messages = Table(
     Column("kind", String(32), nullable=False),
     Column("summary", Text, nullable=False),
     Column("received_at", DateTime(timezone=True), nullable=False),
+)
+
+# Soft bounces by address, counted to suppress an address that keeps bouncing.
+soft_bounces = Table(
+    "soft_bounces",
+    metadata,
+    Column("address", String(320), primary_key=True),
+    Column("message_key", String(255), primary_key=True),
+    Column("bounced_at", DateTime(timezone=True), nullable=False),
 )
 
 OPEN = "open"
@@ -431,6 +440,27 @@ class Store:
         )
         with self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
+
+    def record_soft_bounce(
+        self, address: str, message_key: str, at: datetime, window: timedelta
+    ) -> int:
+        """Record a soft bounce of `address` once per message, and return how many soft
+        bounces of that address arrived in the `window` up to `at`, this one included."""
+        statement = (
+            self._insert(soft_bounces)
+            .values(address=_key(address), message_key=message_key[:255], bounced_at=at)
+            .on_conflict_do_nothing()
+        )
+        count = (
+            select(func.count())
+            .select_from(soft_bounces)
+            .where(soft_bounces.c.address == _key(address))
+            .where(soft_bounces.c.bounced_at > at - window)
+            .where(soft_bounces.c.bounced_at <= at)
+        )
+        with self.engine.begin() as connection:
+            connection.execute(statement)
+            return int(connection.execute(count).scalar_one())
 
     def forget_inbound(self, message_key: str) -> None:
         """Forget an inbound message whose processing failed, so that it can be tried again."""

@@ -29,6 +29,7 @@ from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxR
 from activities.account_slots import AccountSlotActivities
 from sequencer.models import SEARCH_ATTRIBUTES
 from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.mailbox import MailboxWorkflow
 from workflows.sender_account import SenderAccountWorkflow
 
 # How often a disconnected sender account is checked, unless configured otherwise.
@@ -125,7 +126,7 @@ def lead_worker(
     end_accounts: bool = False,
     **options: Any,
 ) -> Worker:
-    """Build a worker for the lead and sender-account workflows, with the given activities.
+    """Build a worker for the lead, sender-account and mailbox workflows, with the activities.
 
     The worker process, `simulate` and the tests all build their workers here, so each runs
     the workflows in the same sandbox. The activities that book sending slots are added here;
@@ -140,7 +141,7 @@ def lead_worker(
         slots if end_accounts else None,
         client,
         task_queue=task_queue,
-        workflows=[LeadSequenceWorkflow, SenderAccountWorkflow],
+        workflows=[LeadSequenceWorkflow, SenderAccountWorkflow, MailboxWorkflow],
         activities=[*activities, slots.reserve_slot, slots.report_account_problem],
         workflow_runner=workflow_runner(),
         **options,

@@ -261,6 +261,65 @@ def test_auto_reply_does_not_stop():
     assert sequence.next_action(T0 + DAY / 2) == Sleep(T0 + DAY, 2)
 
 
+def test_out_of_office_postpones_next_step():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    back = T0 + 5 * DAY
+
+    result = sequence.replied(T0 + DAY / 2, auto_reply=True, back_at=back)
+
+    assert isinstance(result, Applied)
+    assert sequence.status == EnrollmentStatus.RUNNING
+    assert sequence.next_action(T0 + DAY) == Sleep(back, 2)
+    postponed = [entry for entry in sequence.log if entry.status == "postponed"]
+    assert [(entry.step, entry.reason) for entry in postponed] == [(2, "out of office")]
+
+
+def test_out_of_office_never_advances_step():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+
+    result = sequence.replied(T0 + DAY / 2, auto_reply=True, back_at=T0 + DAY / 2)
+
+    assert isinstance(result, Ignored)
+    assert sequence.next_action(T0 + DAY / 2) == Sleep(T0 + DAY, 2)
+
+
+def test_out_of_office_during_pause_ignored():
+    sequence = machine()
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    sequence.hold(T0 + DAY / 4, "operator pause")
+
+    result = sequence.replied(T0 + DAY / 2, auto_reply=True, back_at=T0 + 5 * DAY)
+
+    assert isinstance(result, Ignored)
+    assert not [entry for entry in sequence.log if entry.status == "postponed"]
+
+
+def test_out_of_office_after_end_ignored():
+    sequence = machine([(StepType.EMAIL, timedelta(0))])
+    sequence.record_outcome(1, StepStatus.SENT, T0)
+    assert sequence.has_ended
+
+    result = sequence.replied(T0 + DAY, auto_reply=True, back_at=T0 + 5 * DAY)
+
+    assert isinstance(result, Ignored)
+
+
+def test_out_of_office_moves_into_schedule():
+    weekdays = SendingSchedule(timezone="UTC", days="mon-fri", start="09:00", end="17:00")
+    plan = [PlannedStep(number, kind, wait) for number, (kind, wait) in enumerate(MIXED, start=1)]
+    sequence = LeadSequence(plan, schedule=weekdays)
+    monday = datetime(2026, 3, 2, 9, 0, tzinfo=UTC)
+    sequence.begin(monday)
+    sequence.record_outcome(1, StepStatus.SENT, monday)
+    saturday = datetime(2026, 3, 7, 9, 0, tzinfo=UTC)
+
+    sequence.replied(monday + DAY / 4, auto_reply=True, back_at=saturday)
+
+    assert sequence.next_due == datetime(2026, 3, 9, 9, 0, tzinfo=UTC)
+
+
 def test_task_wait_counts_from_completion():
     sequence = machine([(StepType.MANUAL_TASK, DAY), (StepType.EMAIL, timedelta(0))])
     sequence.record_outcome(1, StepStatus.WAITING, T0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import replace
-from datetime import timedelta
+from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,7 @@ import yaml
 
 from activities.email import message_id_for
 from activities.records import StoreActivities
+from sequencer import sink_reports
 from sequencer.config import load_settings
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
@@ -332,3 +333,104 @@ async def test_reply_matched_by_message_id(sequencer, tmp_path, time_skipping_en
     ]
     # A message that matched no lead is not remembered: it may apply once its lead exists.
     assert len(await sequencer.apply_mail(unrelated, source="other.eml")) == 2
+
+
+async def sent_step_one(sequencer, time_skipping_env, campaign_id: str, lead: str) -> None:
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity(campaign_id, lead).steps[0].status.value == "sent",
+        "step 1 is sent",
+    )
+
+
+async def test_out_of_office_postpones_next_email(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "ooo", [{**EMAIL, "wait_after": "2d"}, EMAIL])
+    await sequencer.launch(campaign, leads)
+    await sent_step_one(sequencer, time_skipping_env, "ooo", "ann@example.com")
+    now = await time_skipping_env.get_current_time()
+    sent = f"<ooo.{'0' * 16}.1@acme.test>"
+    original = f"Message-ID: {sent}\r\nSubject: Hi Ann\r\n\r\nHello\r\n".encode()
+    reply = sink_reports.out_of_office("rep@acme.test", "ann@example.com", original, now)
+    back_on = (now + timedelta(days=sink_reports.OUT_OF_OFFICE_DAYS)).date()
+
+    lines = await sequencer.apply_mail(reply, source="ooo.eml")
+
+    assert lines[0] == "ooo.eml: auto_reply (out-of-office)"
+    assert f"back on {back_on}" in lines[1]
+    back_at = datetime.combine(back_on, time(9), UTC)
+    await wait_for(
+        time_skipping_env,
+        lambda: any(
+            e.status == "postponed" for e in sequencer.activity("ooo", "ann@example.com").log
+        ),
+        "the postponement is recorded",
+    )
+    postponed = [
+        e for e in sequencer.activity("ooo", "ann@example.com").log if e.status == "postponed"
+    ]
+    assert postponed[0].step == 2
+    assert postponed[0].detail == f"until {back_at.strftime('%Y-%m-%d %H:%M')} UTC"
+    # The 2-day wait is over long before the return: step 2 must not run until then.
+    await time_skipping_env.sleep(timedelta(days=3).total_seconds())
+    assert sequencer.activity("ooo", "ann@example.com").steps[1].status.value == "pending"
+    await time_skipping_env.sleep(timedelta(days=sink_reports.OUT_OF_OFFICE_DAYS).total_seconds())
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("ooo")[0].status == "completed",
+        "step 2 runs after the return",
+    )
+    step_two = sequencer.activity("ooo", "ann@example.com").steps[1]
+    assert step_two.at >= back_at
+
+
+async def soft_bounce_of(sequencer, number: int) -> list[str]:
+    original = (
+        f"Message-ID: <outside-{number}@acme.test>\r\nSubject: Hi\r\n\r\nHello\r\n"
+    ).encode()
+    now = datetime.now(UTC)
+    dsn = sink_reports.soft_bounce("rep@acme.test", "ann@example.com", original, now)
+    return await sequencer.apply_mail(dsn, source=f"soft-{number}.eml")
+
+
+async def test_repeated_soft_bounces_suppress(sequencer, tmp_path, time_skipping_env):
+    campaign, leads = write(tmp_path, "soft", [{**EMAIL, "wait_after": "2d"}, EMAIL])
+    await sequencer.launch(campaign, leads)
+    await sent_step_one(sequencer, time_skipping_env, "soft", "ann@example.com")
+
+    first = await soft_bounce_of(sequencer, 1)
+    repeated = await soft_bounce_of(sequencer, 1)
+    second = await soft_bounce_of(sequencer, 2)
+    suppressed_before_third = sequencer.store.is_suppressed("ann@example.com")
+    third = await soft_bounce_of(sequencer, 3)
+
+    assert first[-1] == "  ann@example.com: soft bounce 1 of 3 within 7d"
+    assert repeated[0].endswith("applied before; nothing changed")
+    assert second[-1] == "  ann@example.com: soft bounce 2 of 3 within 7d"
+    assert suppressed_before_third is False
+    assert "ann@example.com unsubscribed" in "\n".join(third)
+    assert sequencer.store.is_suppressed("ann@example.com") is True
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.activity("soft", "ann@example.com").enrollment.unsubscribed,
+        "the enrollment is unsubscribed",
+    )
+    # Soft bounces are recorded, never a failure of the step.
+    assert sequencer.activity("soft", "ann@example.com").steps[0].status.value == "sent"
+    await time_skipping_env.sleep(timedelta(days=3).total_seconds())
+    await wait_for(
+        time_skipping_env,
+        lambda: sequencer.enrollments("soft")[0].status in FINAL,
+        "the enrollment ends",
+    )
+
+
+async def test_soft_bounce_limit_configurable(sequencer, tmp_path, time_skipping_env):
+    sequencer.settings = replace(sequencer.settings, soft_bounce_limit=1)
+    campaign, leads = write(tmp_path, "soft1", [EMAIL])
+    await sequencer.launch(campaign, leads)
+    await sent_step_one(sequencer, time_skipping_env, "soft1", "ann@example.com")
+
+    lines = await soft_bounce_of(sequencer, 10)
+
+    assert "ann@example.com unsubscribed" in "\n".join(lines)
+    assert sequencer.store.is_suppressed("ann@example.com") is True

@@ -44,7 +44,10 @@ THIRD_WAIT = 2
 
 NORMAL = "ann@northwind.example"
 RCPT_BOUNCE = "bounce-chloe@fabrikam.example"
-LATE_BOUNCE = "late-bounce-dan@tailspin.example"
+# The SMTP server accepts this address, and the test reports its bounce with `sequencer event`,
+# as an operator would without a mailbox. (A `late-bounce` address would also get a bounce in
+# the sender's IMAP mailbox, which the stack's poller applies by itself.)
+LATE_BOUNCE = "dan@tailspin.example"
 DEACTIVATED = "ben@contoso.example"
 LEADS = (NORMAL, RCPT_BOUNCE, LATE_BOUNCE, DEACTIVATED)
 
@@ -188,6 +191,8 @@ class StackProcess:
                     str(ports.linkedin),
                     "--webhook-port",
                     str(ports.webhooks),
+                    "--imap-port",
+                    str(ports.imap),
                 ],
                 cwd=home,
                 env=cli_env(home),

@@ -499,11 +499,21 @@ class LeadSequence:
         return Applied(f"step {number} {outcome}")
 
     def replied(
-        self, now: datetime, channel: str | None = None, auto_reply: bool = False
+        self,
+        now: datetime,
+        channel: str | None = None,
+        auto_reply: bool = False,
+        back_at: datetime | None = None,
     ) -> EventResult:
-        """Apply a reply: everything left is skipped and the enrollment ends (rule 11)."""
+        """Apply a reply: everything left is skipped and the enrollment ends (rule 11).
+
+        An auto-reply changes no step, except that an out-of-office reply stating the lead's
+        return (`back_at`) moves a next step due earlier to that time.
+        """
         if auto_reply:
             self._event(now, "auto_reply", detail=channel)
+            if back_at is not None and not self.has_ended:
+                return self._postpone(back_at, now)
             return Ignored("an auto-reply is recorded but does not stop the sequence")
         if self.has_ended:
             self._event(now, "reply_after_end", detail=channel)
@@ -513,6 +523,27 @@ class LeadSequence:
         self._event(now, "replied", detail=channel)
         self._event(now, "ended", reason=EnrollmentStatus.REPLIED.value)
         return Applied("the lead replied")
+
+    def _postpone(self, until: datetime, now: datetime) -> EventResult:
+        """Move the next step to `until` when it waits on a timer that ends earlier."""
+        step = self.next_pending()
+        if (
+            self.state == "paused"
+            or self.waiting_step is not None
+            or step is None
+            or self.next_due is None
+        ):
+            return Ignored("an auto-reply is recorded; no step waits on a timer to move")
+        if until <= self.next_due:
+            return Ignored(
+                f"an auto-reply is recorded; step {step.step} is due after the lead's return"
+            )
+        self.next_due = self._schedule(until, now)
+        when = self.next_due.strftime("%Y-%m-%d %H:%M UTC")
+        self._event(
+            now, "postponed", step=step.step, reason="out of office", detail=f"until {when}"
+        )
+        return Applied(f"step {step.step} moved to {when}, when the lead is back")
 
     # Pauses (rules 8 and 12)
 

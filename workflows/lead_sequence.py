@@ -8,7 +8,7 @@ channel activity, a durable timer that any event cuts short, or a wait for a per
 from __future__ import annotations
 
 import asyncio
-from datetime import datetime, timedelta
+from datetime import date, datetime, time, timedelta
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
@@ -43,6 +43,7 @@ with workflow.unsafe.imports_passed_through():
         SubscriptionChange,
         TaskOutcome,
     )
+    from sequencer.schedule import local_instant
     from workflows.lead_machine import (
         Applied,
         AwaitInvitation,
@@ -108,6 +109,10 @@ SLOT_RETRY = RetryPolicy(
     maximum_interval=timedelta(minutes=1),
     maximum_attempts=30,
 )
+# A step postponed by an out-of-office reply runs at this hour of the lead's return day, in the
+# lead's timezone (else the campaign schedule's, else UTC), or at the next opening of the
+# sending schedule after it.
+BACK_AT_HOUR = 9
 # A booked slot not used within this long (the lead was paused meanwhile) is booked again.
 STALE_SLOT = timedelta(minutes=5)
 # Step types whose sends count against a sender account's limits.
@@ -366,7 +371,8 @@ class LeadSequenceWorkflow:
                 event.step, event.reason, now, bounced=event.bounced, detail=event.detail
             )
         if isinstance(event, Reply):
-            return machine.replied(now, event.channel, event.auto_reply)
+            back_at = self._back_at(event.back_on) if event.back_on else None
+            return machine.replied(now, event.channel, event.auto_reply, back_at)
         if isinstance(event, TaskOutcome):
             return machine.task_outcome(event.step, event.outcome, now, event.reason)
         if isinstance(event, InvitationAnswer):
@@ -385,6 +391,12 @@ class LeadSequenceWorkflow:
             machine.release(now, f"{event.account_id} reconnected")
             return Applied("resumed")
         return Ignored(f"not waiting for {event.account_id}")
+
+    def _back_at(self, day: date) -> datetime:
+        """Return BACK_AT_HOUR on `day` in the lead's timezone, as a UTC instant."""
+        schedule = getattr(self._input.campaign, "schedule", None)
+        timezone = self._input.lead.timezone or (schedule.timezone if schedule else None)
+        return local_instant(day, time(BACK_AT_HOUR), timezone)
 
     def _apply_control(self, action: OperatorAction, now) -> EventResult:
         machine = self._machine
