@@ -106,9 +106,8 @@ def up(
 
     _configure_logging()
     stack = LocalStack(
-        load_settings(), StackPorts(
-            temporal_port, ui_port, smtp_port, linkedin_port, webhook_port, imap_port
-        )
+        load_settings(),
+        StackPorts(temporal_port, ui_port, smtp_port, linkedin_port, webhook_port, imap_port),
     )
 
     async def serve() -> None:
@@ -696,6 +695,21 @@ def mailbox_list(as_json: JsonOption = False) -> None:
             f"{last} {totals.last_summary or ''}".strip(),
         )
     console.print(table)
+
+
+MailboxArgument = Annotated[str, typer.Argument(help="The sender's email address.")]
+
+
+@mailbox_app.command("poll")
+def mailbox_poll(address: MailboxArgument) -> None:
+    """Read a sender's mailbox now instead of at the next poll."""
+    console.print(_run(_service().mailbox_signal(address, "poll_now")), highlight=False)
+
+
+@mailbox_app.command("stop")
+def mailbox_stop(address: MailboxArgument) -> None:
+    """Stop reading a sender's mailbox; the next launch for this sender starts it again."""
+    console.print(_run(_service().mailbox_signal(address, "stop")), highlight=False)
 
 
 AccountArgument = Annotated[

@@ -227,6 +227,8 @@ class Sequencer:
         imap_url = sender.imap_url or self.settings.imap_url
         if imap_url is None:
             return None
+        # NOTE: a poller already running for this address keeps its IMAP URL, even when this
+        # campaign names another one; stop it with `sequencer mailbox stop` to change it.
         client = await self.client()
         workflow_id = mailbox_workflow_id(sender.email)
         await client.start_workflow(
@@ -245,6 +247,23 @@ class Sequencer:
             f"{format_duration(self.settings.mailbox_poll_interval)} for bounces and replies",
         )
         return workflow_id
+
+    async def mailbox_signal(self, address: str, signal: str) -> str:
+        """Send `poll_now` or `stop` to the poller of a sender's mailbox."""
+        key = self._address(address)
+        client = await self.client()
+        handle = client.get_workflow_handle(mailbox_workflow_id(key))
+        try:
+            await handle.signal(signal)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
+            raise ServiceError(
+                f"no mailbox of {key} is read: list them with `sequencer mailbox list`"
+            ) from None
+        if signal == "stop":
+            return f"{key}: mailbox no longer read; the next launch for this sender reads it again"
+        return f"{key}: mailbox read now"
 
     async def mailboxes(self) -> list[MailboxStatus]:
         """Return the status of every running mailbox poller."""

@@ -23,7 +23,15 @@ import pytest
 
 from sequencer.imap_server import find_dovecot
 from sequencer.stack import StackPorts
-from tests.test_stack_e2e import StackProcess, cli_json, messages_to, steps_of, wait_until
+from tests.test_stack_e2e import (
+    StackProcess,
+    cli_json,
+    flat,
+    messages_to,
+    run_cli,
+    steps_of,
+    wait_until,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -152,6 +160,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             timeout=90,
         )
         replayed = httpx.post(url, json=event, timeout=30)
+        mailboxes = cli_json(home, "mailbox", "list")
+        poll = run_cli(home, "mailbox", "poll", SENDER)
+        stop = run_cli(home, "mailbox", "stop", SENDER)
+        wait_until(
+            lambda: cli_json(home, "mailbox", "list") == [],
+            stack.describe,
+            "the mailbox poller stops",
+        )
+        stop_again = run_cli(home, "mailbox", "stop", SENDER)
         return {
             "home": home,
             "launch": launch,
@@ -159,7 +176,10 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "replayed": replayed,
             "after_replay": activity(home, PROVIDER_BOUNCE),
             "reports": reports,
-            "mailboxes": cli_json(home, "mailbox", "list"),
+            "mailboxes": mailboxes,
+            "poll": poll,
+            "stop": stop,
+            "stop_again": stop_again,
             "tasks": cli_json(home, "task", "list", "--campaign", CAMPAIGN_ID),
         }
     finally:
@@ -238,3 +258,18 @@ def test_mailgun_replay_changes_nothing(run):
     assert run["replayed"].status_code == 200, run["replayed"].text
     assert "applied before" in run["replayed"].text
     assert run["after_replay"]["log"] == run["reports"][PROVIDER_BOUNCE]["log"]
+
+
+def test_mailbox_poll_command(run):
+    assert run["poll"].returncode == 0, run["poll"].stderr
+    assert flat(run["poll"].stdout) == f"{SENDER}: mailbox read now"
+
+
+def test_mailbox_stop_command(run):
+    assert run["stop"].returncode == 0, run["stop"].stderr
+    assert "no longer read" in flat(run["stop"].stdout)
+
+
+def test_mailbox_stop_unknown_rejected(run):
+    assert run["stop_again"].returncode == 1
+    assert f"no mailbox of {SENDER} is read" in flat(run["stop_again"].stderr)
