@@ -12,6 +12,7 @@ from temporalio.worker import Replayer
 
 from sequencer.temporal import workflow_runner
 from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.mailbox import MailboxWorkflow
 from workflows.sender_account import SenderAccountWorkflow
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
@@ -21,7 +22,7 @@ HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 async def test_history_replays(path):
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(
-        workflows=[LeadSequenceWorkflow, SenderAccountWorkflow],
+        workflows=[LeadSequenceWorkflow, SenderAccountWorkflow, MailboxWorkflow],
         data_converter=pydantic_data_converter,
         workflow_runner=workflow_runner(),
     )
