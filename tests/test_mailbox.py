@@ -396,3 +396,59 @@ async def test_poller_continues_as_new(dovecot, dev_server, address):
     assert latest.run_id != first_run
     assert latest.status == WorkflowExecutionStatus.RUNNING
     assert status.cursor.last_uid == 2
+
+
+class Hanging(Recorder):
+    """Applies messages until `subject`, then hangs there, as a worker stuck in a send would."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__()
+        self.hang_on = subject
+        self.reached = asyncio.Event()
+
+    async def __call__(self, raw: bytes, source: str) -> list[str]:
+        if f"Subject: {self.hang_on}\r\n".encode() in raw:
+            self.reached.set()
+            await asyncio.Event().wait()
+        return await super().__call__(raw, source)
+
+
+async def test_poller_resumes_on_other_worker(dovecot, dev_server, address):
+    task_queue = f"mailbox-{uuid.uuid4().hex[:8]}"
+    append(dovecot, address, "one", "two", "three")
+    stuck = Hanging("two")
+    first_worker = Worker(
+        dev_server.client,
+        task_queue=task_queue,
+        workflows=[MailboxWorkflow],
+        activities=[activities(dovecot, stuck).poll_mailbox],
+        workflow_runner=workflow_runner(),
+        graceful_shutdown_timeout=timedelta(seconds=0),
+    )
+    async with first_worker:
+        handle = await dev_server.client.start_workflow(
+            MailboxWorkflow.run,
+            MailboxInput(address=address, imap_url=dovecot.imap_url),
+            id=mailbox_workflow_id(address, task_queue),
+            task_queue=task_queue,
+        )
+        await asyncio.wait_for(stuck.reached.wait(), timeout=30)
+
+    # The first worker stopped in the middle of the poll: another one takes the retry.
+    recorder = Recorder()
+    async with Worker(
+        dev_server.client,
+        task_queue=task_queue,
+        workflows=[MailboxWorkflow],
+        activities=[activities(dovecot, recorder).poll_mailbox],
+        workflow_runner=workflow_runner(),
+    ):
+        status = await status_when(
+            handle, lambda s: s.totals.polls >= 1, "the retried poll ends", timeout=60
+        )
+        await handle.signal(MailboxWorkflow.stop)
+        await handle.result()
+
+    assert stuck.subjects == ["one"]
+    assert recorder.subjects == ["two", "three"]
+    assert status.cursor.last_uid == 3
