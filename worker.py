@@ -121,7 +121,11 @@ def main() -> None:
         level=os.environ.get("SEQUENCER_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    settings = load_settings()
+    try:
+        settings = load_settings()
+    except ValueError as error:
+        logger.error("Invalid setting: %s", error)
+        exit_without_teardown(1)
 
     async def serve() -> None:
         stop = asyncio.Event()

@@ -34,7 +34,7 @@ from urllib.parse import urlsplit
 
 import aiosmtplib
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from sequencer.addresses import InvalidEmailError, ascii_email, normalize_email
 from sequencer.campaign import EmailStep, Sender
@@ -438,14 +438,20 @@ class EmailActivities:
         )
 
     def _account_interrupted(self, input: StepInput, message: str) -> ApplicationError:
-        logger.error(
-            "email step interrupted by the sender account: campaign %s, workflow %s, step %d",
+        logger.warning(
+            "email step interrupted by the sender account: campaign %s, workflow %s, step %d: %s",
             input.campaign_id,
             input.workflow_id,
             input.step_number,
+            message,
         )
+        # BENIGN: the lead pauses until the account works again, which is no bug, so the SDK
+        # logs the failure at DEBUG instead of a WARNING with a traceback.
         return ApplicationError(
-            _with_step(input, message), type=ACCOUNT_INTERRUPTED_ERROR_TYPE, non_retryable=True
+            _with_step(input, message),
+            type=ACCOUNT_INTERRUPTED_ERROR_TYPE,
+            non_retryable=True,
+            category=ApplicationErrorCategory.BENIGN,
         )
 
 

@@ -32,7 +32,7 @@ from imapclient import IMAPClient
 from imapclient.exceptions import IMAPClientError, LoginError
 from sqlalchemy.exc import OperationalError
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from temporalio.service import RPCError
 
 from sequencer.models import MailboxCursor, PollRequest, PollResult
@@ -80,7 +80,12 @@ class MailboxActivities:
                 "SEQUENCER_IMAP_PASSWORD (and SEQUENCER_IMAP_USERNAME if the login is not the "
                 "address) on the worker; polling resumes on the next retry"
             )
-        client = await asyncio.to_thread(_connect, request.imap_url, credentials)
+        try:
+            client = await asyncio.to_thread(_connect, request.imap_url, credentials)
+        except ApplicationError as error:
+            # One line per attempt: the retries' backoff spaces the lines out.
+            logger.warning("mailbox of %s not read: %s", request.address, error.message)
+            raise
         try:
             return await self._read_new_mail(client, request, cursor)
         finally:
@@ -176,7 +181,7 @@ def _connect(imap_url: str, credentials: ImapCredentials) -> IMAPClient:
             timeout=IMAP_TIMEOUT,
         )
     except (OSError, IMAPClientError, imaplib.IMAP4.error) as error:
-        raise ApplicationError(f"cannot connect to the IMAP server {where}: {error}") from None
+        raise _unavailable(f"cannot connect to the IMAP server {where}: {error}") from None
     try:
         if not secure and host not in _LOOPBACK_HOSTS:
             # Never send a password in clear text over a network.
@@ -189,14 +194,23 @@ def _connect(imap_url: str, credentials: ImapCredentials) -> IMAPClient:
         client.login(credentials.username, credentials.password)
     except LoginError as error:
         _logout(client)
-        raise ApplicationError(
+        raise _unavailable(
             f"IMAP login as {credentials.username} at {where} failed ({_text(error)}): check "
             "SEQUENCER_IMAP_USERNAME and SEQUENCER_IMAP_PASSWORD"
         ) from None
     except (OSError, IMAPClientError, imaplib.IMAP4.error) as error:
         _logout(client)
-        raise ApplicationError(f"IMAP session with {where} failed: {_text(error)}") from None
+        raise _unavailable(f"IMAP session with {where} failed: {_text(error)}") from None
     return client
+
+
+def _unavailable(message: str) -> ApplicationError:
+    """Return the retryable error of a mailbox that cannot be read now.
+
+    BENIGN keeps the SDK from logging each failed attempt as a WARNING with a traceback;
+    the activity logs one line itself.
+    """
+    return ApplicationError(message, category=ApplicationErrorCategory.BENIGN)
 
 
 def _logout(client: IMAPClient) -> None:

@@ -246,21 +246,37 @@ class Sender(_SendingAccount):
     @field_validator("imap_url")
     @classmethod
     def _check_imap_url(cls, value: str | None) -> str | None:
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("imap", "imaps"):
-            raise ValueError(
-                f"invalid IMAP URL {value!r}: expected imap://HOST:PORT or imaps://HOST:PORT"
-            )
-        if parts.username or parts.password:
-            raise ValueError(
-                "IMAP credentials must not be written in the campaign file: remove them from "
-                "imap_url and set SEQUENCER_IMAP_USERNAME and SEQUENCER_IMAP_PASSWORD instead"
-            )
-        if not parts.hostname:
-            raise ValueError(f"invalid IMAP URL {value!r}: the host is missing")
-        return value
+        return None if value is None else check_imap_url(value)
+
+
+def check_imap_url(value: str) -> str:
+    """Check an IMAP server URL (imap://HOST[:PORT] or imaps://HOST[:PORT]) and return it.
+
+    Raises ValueError naming the problem. The mailbox read is always INBOX, so a path is
+    rejected, and credentials are rejected because they belong in the environment.
+    """
+    expected = "expected imap://HOST:PORT or imaps://HOST:PORT"
+    parts = urlsplit(value)
+    if parts.scheme not in ("imap", "imaps"):
+        raise ValueError(f"invalid IMAP URL {value!r}: {expected}")
+    if parts.username or parts.password:
+        raise ValueError(
+            "IMAP credentials must not be written in a URL: remove them from the IMAP URL and "
+            "set SEQUENCER_IMAP_USERNAME and SEQUENCER_IMAP_PASSWORD instead"
+        )
+    if not parts.hostname:
+        raise ValueError(f"invalid IMAP URL {value!r}: the host is missing")
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        raise ValueError(f"invalid IMAP URL {value!r}: the port must be 1 to 65535")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(
+            f"invalid IMAP URL {value!r}: remove the path; the engine always reads INBOX"
+        )
+    return value
 
 
 class LinkedInAccount(_SendingAccount):

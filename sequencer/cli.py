@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import email.policy
 import json
 import logging
 import os
 import signal
 from datetime import datetime
+from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -16,7 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sequencer.campaign import Campaign, CampaignError, load_campaign
-from sequencer.config import load_settings
+from sequencer.config import Settings, load_settings
 from sequencer.durations import format_duration
 from sequencer.leads import LeadFileError, read_leads
 from sequencer.service import ActivityReport, LaunchReport, Sequencer, ServiceError
@@ -78,8 +80,17 @@ def _run(coroutine):
         _fail(str(error))
 
 
+def _settings() -> Settings:
+    """Read the settings, or exit with the invalid setting's name and the fix."""
+    try:
+        return load_settings()
+    except ValueError as error:
+        _fail(f"invalid setting: {error}")
+        raise
+
+
 def _service() -> Sequencer:
-    return Sequencer(load_settings())
+    return Sequencer(_settings())
 
 
 # The local stack
@@ -106,7 +117,7 @@ def up(
 
     _configure_logging()
     stack = LocalStack(
-        load_settings(),
+        _settings(),
         StackPorts(temporal_port, ui_port, smtp_port, linkedin_port, webhook_port, imap_port),
     )
 
@@ -209,8 +220,20 @@ def launch(
         return
     _print_import(report)
     sender = report.campaign.sender
-    if report.mailbox and sender:
-        console.print(f"Reading the mailbox of {sender.email} for bounces and replies")
+    watch = report.mailbox
+    if watch and sender:
+        console.print(
+            f"Reading the mailbox of {sender.email} at {watch.imap_url} for bounces and replies",
+            highlight=False,
+        )
+        if watch.moved_from:
+            console.print(f"  (it was read at {watch.moved_from} until now)", highlight=False)
+        if watch.problem:
+            errors.print(
+                f"[yellow]warning:[/yellow] the IMAP server {watch.imap_url}: {watch.problem}. "
+                "The poller retries until it answers; see `sequencer mailbox list`",
+                highlight=False,
+            )
     elif sender and any(step.type == "email" for step in report.campaign.steps):
         console.print(
             f"The mailbox of {sender.email} is not read: set the sender's imap_url or "
@@ -225,7 +248,8 @@ def _launch_dict(report: LaunchReport) -> dict[str, Any]:
         "campaign_id": report.campaign.id,
         "enrolled": report.enrolled,
         "already_enrolled": report.already_enrolled,
-        "mailbox_workflow": report.mailbox,
+        "mailbox_workflow": report.mailbox.workflow_id if report.mailbox else None,
+        "mailbox_problem": report.mailbox.problem if report.mailbox else None,
         "warnings": [
             {"row": lead.row, "lead": lead.lead.key, "warnings": lead.warnings}
             for lead in imported.leads
@@ -376,7 +400,9 @@ def print_activity(report: ActivityReport, compact: bool = False) -> None:
         timeline.add_row(
             _when(entry.at, started, compact),
             styled_status(entry.status) if entry.kind == "step" else entry.status,
-            f"{entry.step} {entry.step_type}" if entry.step else "",
+            " ".join(str(part) for part in (entry.step, entry.step_type) if part)
+            if entry.step
+            else "",
             entry.reason or "",
             _shorten(entry.detail or "", 120),
         )
@@ -519,10 +545,24 @@ def event_mail(
             errors.print(f"[red]error:[/red] cannot read {path}: {error.strerror}", highlight=False)
             failed = True
             continue
+        if not _looks_like_email(raw):
+            errors.print(
+                f"[red]error:[/red] {path} is not an email message: it has none of the From, "
+                "To, Subject, Date or Message-ID headers. Save the message with its headers "
+                "(as .eml) and try again",
+                highlight=False,
+            )
+            failed = True
+            continue
         for line in _run(service.apply_mail(raw, source=str(path))):
             console.print(line, highlight=False)
     if failed:
         raise typer.Exit(1)
+
+
+def _looks_like_email(raw: bytes) -> bool:
+    headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(raw)
+    return any(headers[name] for name in ("From", "To", "Subject", "Date", "Message-ID"))
 
 
 @event_app.command("invite-accepted")
@@ -666,6 +706,13 @@ def account_list(as_json: JsonOption = False) -> None:
     console.print(table)
 
 
+MAILBOX_STATE_STYLE = {
+    "reading": "[green]{}[/green]",
+    "retrying": "[yellow]{}[/yellow]",
+    "failed": "[red]{}[/red]",
+}
+
+
 @mailbox_app.command("list")
 def mailbox_list(as_json: JsonOption = False) -> None:
     """Show every mailbox being read: how far, how many messages, and the last poll."""
@@ -680,13 +727,18 @@ def mailbox_list(as_json: JsonOption = False) -> None:
         )
         return
     table = Table(title="Mailboxes")
-    for column in ("address", "server", "every", "polls", "messages", "not applied", "last poll"):
+    columns = ("address", "state", "server", "every", "polls", "messages", "not applied")
+    for column in (*columns, "last poll"):
         table.add_column(column)
     for row in rows:
         totals = row.totals
         last = totals.last_poll_at.strftime("%Y-%m-%d %H:%M:%S") if totals.last_poll_at else ""
+        state = MAILBOX_STATE_STYLE.get(row.state, "{}").format(row.state)
+        if row.problem:
+            state += f": {row.problem}"
         table.add_row(
             row.address,
+            state,
             row.imap_url,
             format_duration(row.poll_interval),
             str(totals.polls),
@@ -877,7 +929,7 @@ def demo(
 
     _configure_logging(logging.WARNING)
     try:
-        asyncio.run(run_demo(load_settings(), console, timeout))
+        asyncio.run(run_demo(_settings(), console, timeout))
     except (ServiceError, CampaignError, LeadFileError) as error:
         _fail(str(error))
 

@@ -98,7 +98,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         mailgun_signing_key=env.get("SEQUENCER_MAILGUN_SIGNING_KEY") or None,
         postmark_webhook_user=env.get("SEQUENCER_POSTMARK_WEBHOOK_USER") or None,
         postmark_webhook_password=env.get("SEQUENCER_POSTMARK_WEBHOOK_PASSWORD") or None,
-        imap_url=env.get("SEQUENCER_IMAP_URL") or stack.get("imap_url") or None,
+        imap_url=_imap_url(env.get("SEQUENCER_IMAP_URL") or stack.get("imap_url") or None),
         imap_username=env.get("SEQUENCER_IMAP_USERNAME") or None,
         imap_password=env.get("SEQUENCER_IMAP_PASSWORD")
         or (SANDBOX_IMAP_PASSWORD if stack.get("imap_url") else None),
@@ -120,6 +120,18 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     )
 
 
+def _imap_url(value: str | None) -> str | None:
+    # Imported here because the campaign module imports much more than settings need.
+    from sequencer.campaign import check_imap_url
+
+    if value is None:
+        return None
+    try:
+        return check_imap_url(value)
+    except ValueError as error:
+        raise ValueError(f"SEQUENCER_IMAP_URL: {error}") from None
+
+
 def _count(name: str, value: str | None, default: int) -> int:
     if not value:
         return default
@@ -128,7 +140,9 @@ def _count(name: str, value: str | None, default: int) -> int:
     except ValueError:
         count = 0
     if count < 1:
-        raise ValueError(f"{name}: {value!r} is not a whole number of 1 or more; use such as 3")
+        raise ValueError(
+            f"{name}: {value!r} is not a whole number of 1 or more; use a number such as 3"
+        )
     return count
 
 

@@ -13,6 +13,7 @@ pause, and resume by themselves once the account's health check finds the inbox 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -27,7 +28,7 @@ from sequencer.cli import print_activity, print_stats, styled_status
 from sequencer.config import Settings
 from sequencer.leads import read_leads
 from sequencer.models import StepState
-from sequencer.service import LaunchReport, Sequencer
+from sequencer.service import LaunchReport, Sequencer, ServiceError
 from sequencer.stack import LocalStack, StackPorts, running_stack
 from sequencer.storage import EnrollmentRow
 
@@ -123,6 +124,13 @@ async def _run(service: Sequencer, console: Console, timeout: float, smtp_url: s
                 break
             await _play_world(service, reports, snapshot, late_bounced, sent_at, console)
             await asyncio.sleep(0.5)
+
+    # Stop reading the demo senders' mailboxes: each run has an outage sender of its own,
+    # which would otherwise be polled for good. The next launch for a sender reads it again.
+    for report in reports:
+        if report.mailbox and report.campaign.sender:
+            with contextlib.suppress(ServiceError):
+                await service.mailbox_signal(report.campaign.sender.email, "stop")
 
     for report in reports:
         console.print()

@@ -302,6 +302,8 @@ class MailboxTotals(BaseModel):
     failed: int = 0
     last_poll_at: datetime | None = None
     last_summary: str | None = None
+    # The error that ended the last poll, when it failed without retries.
+    last_error: str | None = None
 
 
 class MailboxInput(BaseModel):
@@ -344,3 +346,7 @@ class MailboxStatus(BaseModel):
     poll_interval: timedelta
     cursor: MailboxCursor
     totals: MailboxTotals
+    # "reading", "retrying" (the poll fails and is retried) or "failed" (it will not work until
+    # the IMAP URL changes), with the error when there is one. Filled in by the service.
+    state: str = "reading"
+    problem: str | None = None

@@ -335,7 +335,8 @@ def _failure_message(
         subtype=recipient.subtype,
         recipients=(recipient,),
         original_message_id=original_message_id,
-        reason=f"{reason}: {side}{recipient.subtype} (status {recipient.status or 'none'})",
+        reason=f"{reason}: {side}{recipient.subtype}"
+        + (f" (status {recipient.status})" if recipient.status else ""),
     )
 
 

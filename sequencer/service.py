@@ -7,6 +7,7 @@ Each operation validates first and changes nothing when it does not apply; error
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.policy
 import email.utils
 import hashlib
@@ -19,9 +20,17 @@ from datetime import UTC, date, datetime
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
-from temporalio.client import Client, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    Client,
+    WorkflowExecutionDescription,
+    WorkflowExecutionStatus,
+    WorkflowHandle,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import (
     SearchAttributePair,
     TypedSearchAttributes,
@@ -82,8 +91,20 @@ class LaunchReport:
     import_report: ImportReport
     enrolled: list[str] = field(default_factory=list)
     already_enrolled: list[str] = field(default_factory=list)
-    # The workflow id of the poller that reads the sender's mailbox, if one does.
-    mailbox: str | None = None
+    # The poller that reads the sender's mailbox, if one does.
+    mailbox: MailboxWatch | None = None
+
+
+@dataclass
+class MailboxWatch:
+    """The poller reading a sender's mailbox after a launch, and what the launch found."""
+
+    workflow_id: str
+    imap_url: str
+    # The IMAP URL the poller used before this launch moved it, if it did.
+    moved_from: str | None = None
+    # Why the IMAP server could not be reached just now, if it could not.
+    problem: str | None = None
 
 
 @dataclass
@@ -218,20 +239,19 @@ class Sequencer:
 
     # Mailboxes
 
-    async def watch_mailbox(self, sender: Sender) -> str | None:
+    async def watch_mailbox(self, sender: Sender) -> MailboxWatch | None:
         """Start reading the sender's mailbox for bounces and replies, unless it is read already.
 
-        Returns the poller's workflow id, or None when no IMAP server is known for the sender
-        (neither the campaign's `imap_url` nor SEQUENCER_IMAP_URL).
+        A poller already reading it at another IMAP URL moves to this one. Returns None when no
+        IMAP server is known for the sender (neither the campaign's `imap_url` nor
+        SEQUENCER_IMAP_URL).
         """
         imap_url = sender.imap_url or self.settings.imap_url
         if imap_url is None:
             return None
-        # NOTE: a poller already running for this address keeps its IMAP URL, even when this
-        # campaign names another one; stop it with `sequencer mailbox stop` to change it.
         client = await self.client()
         workflow_id = mailbox_workflow_id(sender.email)
-        await client.start_workflow(
+        handle = await client.start_workflow(
             MailboxWorkflow.run,
             MailboxInput(
                 address=sender.email,
@@ -243,10 +263,30 @@ class Sequencer:
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"Mailbox of {sender.email}",
-            static_details=f"Reads {imap_url} every "
-            f"{format_duration(self.settings.mailbox_poll_interval)} for bounces and replies",
+            static_details=f"Reads the IMAP mailbox of {sender.email} for bounces and replies",
         )
-        return workflow_id
+        watch = MailboxWatch(workflow_id=workflow_id, imap_url=imap_url)
+        status = await handle.query(MailboxWorkflow.status)
+        if status.imap_url != imap_url:
+            await handle.signal(MailboxWorkflow.set_imap_url, imap_url)
+            watch.moved_from = status.imap_url
+        watch.problem = await _probe_imap(imap_url)
+        return watch
+
+    async def retarget_mailboxes(self, old_prefix: str, imap_url: str) -> list[str]:
+        """Move every running poller whose IMAP URL starts with `old_prefix` to `imap_url`.
+
+        The local stack calls this when it starts on another IMAP port than the one its
+        earlier runs' pollers use. Returns the addresses moved.
+        """
+        moved = []
+        for status in await self.mailboxes():
+            if status.imap_url != imap_url and status.imap_url.startswith(old_prefix):
+                client = await self.client()
+                handle = client.get_workflow_handle(mailbox_workflow_id(status.address))
+                await handle.signal(MailboxWorkflow.set_imap_url, imap_url)
+                moved.append(status.address)
+        return moved
 
     async def mailbox_signal(self, address: str, signal: str) -> str:
         """Send `poll_now` or `stop` to the poller of a sender's mailbox."""
@@ -259,23 +299,38 @@ class Sequencer:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise
             raise ServiceError(
-                f"no mailbox of {key} is read: list them with `sequencer mailbox list`"
+                f"mailbox poller of {key} not found: list the mailboxes read with "
+                "`sequencer mailbox list`"
             ) from None
         if signal == "stop":
             return f"{key}: mailbox no longer read; the next launch for this sender reads it again"
         return f"{key}: mailbox read now"
 
     async def mailboxes(self) -> list[MailboxStatus]:
-        """Return the status of every running mailbox poller."""
+        """Return the status of every mailbox poller: running, or ended by an error."""
         client = await self.client()
         statuses = []
-        query = f"WorkflowType = '{MAILBOX_WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
+        query = (
+            f"WorkflowType = '{MAILBOX_WORKFLOW_TYPE}' AND "
+            "ExecutionStatus IN ('Running', 'Failed', 'TimedOut')"
+        )
         async for execution in client.list_workflows(query):
-            handle = client.get_workflow_handle(execution.id)
+            handle = client.get_workflow_handle(execution.id, run_id=execution.run_id)
             try:
-                statuses.append(await handle.query(MailboxWorkflow.status))
+                status = await handle.query(MailboxWorkflow.status)
+                description = await handle.describe()
             except RPCError as error:
                 logger.warning("Cannot query mailbox poller %s: %s", execution.id, error)
+                continue
+            except WorkflowQueryFailedError as error:
+                logger.warning("Cannot query mailbox poller %s: %s", execution.id, error)
+                continue
+            if description.status != WorkflowExecutionStatus.RUNNING:
+                status.state = "failed"
+                status.problem = f"the poller ended as {description.status.name.lower()}"
+            else:
+                _set_poll_state(status, description)
+            statuses.append(status)
         return sorted(statuses, key=lambda status: status.address)
 
     # Reports
@@ -814,11 +869,7 @@ class Sequencer:
         step: int | None,
     ) -> str:
         label = f"{enrollment.campaign_id}: {enrollment.lead_key}"
-        detail = (
-            " ".join(part for part in (recipient.status, recipient.diagnostic) if part)
-            if recipient
-            else message.reason
-        )
+        detail = _bounce_detail(recipient) if recipient else message.reason
         hard = message.kind == InboundKind.HARD_BOUNCE and not (recipient and recipient.sender_side)
         if hard and step is not None:
             try:
@@ -835,12 +886,15 @@ class Sequencer:
             name, reason = "bounce_without_step", "no email step of this lead was sent"
         else:
             name, reason = "soft_bounce", message.subtype
+        campaign = self.store.get_campaign(enrollment.campaign_id)
+        step_type = campaign.steps[step - 1].type if step and step <= len(campaign.steps) else None
         entry = LogEntry(
             seq=0,
             at=datetime.now(UTC),
             kind="event",
             status=name,
             step=step,
+            step_type=step_type,
             reason=reason,
             detail=(detail or "")[:500],
         )
@@ -977,6 +1031,47 @@ NO_LEAD = "no enrolled lead matches this message"
 ENGINE_MESSAGE_ID = re.compile(
     r"<?(?P<campaign>[a-z0-9][a-z0-9-]{0,62})\.(?P<ref>[0-9a-f]{16})\.(?P<step>\d+)@[^>\s]+>?"
 )
+
+
+# How long a launch waits to connect to the IMAP server before it warns that it cannot.
+IMAP_PROBE_TIMEOUT = 3.0
+
+
+async def _probe_imap(imap_url: str) -> str | None:
+    """Return why a TCP connection to the IMAP server fails, or None when it connects."""
+    parts = urlsplit(imap_url)
+    port = parts.port or (993 if parts.scheme == "imaps" else 143)
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, port), IMAP_PROBE_TIMEOUT
+        )
+    except (OSError, TimeoutError) as error:
+        return f"cannot connect to {parts.hostname}:{port} ({error or 'timed out'})"
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return None
+
+
+def _set_poll_state(status: MailboxStatus, description: WorkflowExecutionDescription) -> None:
+    """Fill in a running poller's state from its pending poll, retried or not."""
+    for pending in description.raw_description.pending_activities:
+        if pending.attempt > 1:
+            status.state = "retrying"
+            failure = pending.last_failure.message or "unknown error"
+            status.problem = f"attempt {pending.attempt}: {failure}"
+            return
+    if status.totals.last_error:
+        status.state = "failed"
+        status.problem = status.totals.last_error
+
+
+def _bounce_detail(recipient: FailedRecipient) -> str:
+    """Return the status code and diagnostic of a failed recipient, each code said once."""
+    diagnostic = recipient.diagnostic or ""
+    if recipient.status and recipient.status not in diagnostic:
+        return f"{recipient.status} {diagnostic}".strip()
+    return diagnostic or recipient.status or ""
 
 
 def _message_key(raw: bytes) -> str:

@@ -58,6 +58,8 @@ SANDBOX_ACCEPT_DELAY = 10.0
 LOCAL_ACCOUNT_CHECK_INTERVAL = timedelta(seconds=5)
 # The local stack reads each sender's mailbox this often, so a bounce shows in seconds.
 LOCAL_MAILBOX_POLL_INTERVAL = timedelta(seconds=2)
+# The IMAP URLs of local stacks, whatever their port.
+LOCAL_IMAP_PREFIX = "imap://127.0.0.1:"
 
 
 class StackError(RuntimeError):
@@ -131,6 +133,7 @@ class LocalStack:
                 self.settings, mailbox_poll_interval=LOCAL_MAILBOX_POLL_INTERVAL
             )
         self._imap: Dovecot | None = None
+        self._retarget: asyncio.Task[None] | None = None
         self._webhooks: uvicorn.Server | None = None
         self._webhooks_task: asyncio.Task[None] | None = None
         self._webhook_service: Sequencer | None = None
@@ -346,6 +349,22 @@ class LocalStack:
         from worker import run_worker
 
         self._worker = asyncio.create_task(run_worker(self.settings, self._stop_worker))
+        if self._imap is not None:
+            self._retarget = asyncio.create_task(self._retarget_mailboxes(self._imap.imap_url))
+
+    async def _retarget_mailboxes(self, imap_url: str) -> None:
+        """Move the mailbox pollers of earlier runs of this stack to its current IMAP port."""
+        assert self._webhook_service is not None
+        try:
+            moved = await asyncio.wait_for(
+                self._webhook_service.retarget_mailboxes(LOCAL_IMAP_PREFIX, imap_url),
+                SERVER_START_TIMEOUT,
+            )
+        except Exception as error:
+            logger.warning("Could not move the mailbox pollers to %s: %s", imap_url, error)
+            return
+        if moved:
+            logger.info("Mailbox pollers moved to %s: %s", imap_url, ", ".join(moved))
 
     async def wait(self) -> None:
         """Wait until the worker stops by itself (it only does on an error)."""
@@ -354,6 +373,9 @@ class LocalStack:
 
     async def stop(self) -> None:
         """Stop the worker first, so no activity is cut off, then the servers."""
+        if self._retarget:
+            self._retarget.cancel()
+            self._retarget = None
         if self._worker:
             self._stop_worker.set()
             with contextlib.suppress(Exception):

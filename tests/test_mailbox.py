@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
@@ -25,8 +26,11 @@ from temporalio.testing import ActivityEnvironment, WorkflowEnvironment
 from temporalio.worker import Worker
 
 from activities.mailbox import ImapCredentials, MailboxActivities
+from sequencer.campaign import Sender
+from sequencer.config import load_settings
 from sequencer.imap_server import Dovecot, append_message, find_dovecot
-from sequencer.models import MailboxCursor, MailboxInput, MailboxStatus, PollRequest
+from sequencer.models import TASK_QUEUE, MailboxCursor, MailboxInput, MailboxStatus, PollRequest
+from sequencer.service import Sequencer, ServiceError
 from sequencer.stack import free_port
 from sequencer.temporal import find_binary, workflow_runner
 from workflows.mailbox import MailboxWorkflow, mailbox_workflow_id
@@ -452,3 +456,102 @@ async def test_poller_resumes_on_other_worker(dovecot, dev_server, address):
     assert stuck.subjects == ["one"]
     assert recorder.subjects == ["two", "three"]
     assert status.cursor.last_uid == 3
+
+
+async def test_stop_cancels_retried_poll(dovecot, dev_server, address):
+    task_queue = f"mailbox-{uuid.uuid4().hex[:8]}"
+    async with Worker(
+        dev_server.client,
+        task_queue=task_queue,
+        workflows=[MailboxWorkflow],
+        activities=[activities(dovecot, Recorder()).poll_mailbox],
+        workflow_runner=workflow_runner(),
+    ):
+        handle = await dev_server.client.start_workflow(
+            MailboxWorkflow.run,
+            MailboxInput(address=address, imap_url=f"imap://127.0.0.1:{free_port()}"),
+            id=mailbox_workflow_id(address, task_queue),
+            task_queue=task_queue,
+        )
+        await pending_attempt(handle, 2)
+        await handle.signal(MailboxWorkflow.stop)
+        result = await asyncio.wait_for(handle.result(), timeout=30)
+
+    assert result == "stopped after 0 message(s)"
+
+
+async def pending_attempt(handle, attempt: int, timeout: float = 30) -> str:
+    """Wait until the pending poll is at `attempt`, and return its last failure."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pending = (await handle.describe()).raw_description.pending_activities
+        if pending and pending[0].attempt >= attempt:
+            return pending[0].last_failure.message
+        if time.monotonic() > deadline:
+            pytest.fail(f"the poll did not reach attempt {attempt}: {pending}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def service_on_dev_server(dovecot, dev_server, tmp_path):
+    """A Sequencer and a worker on the production task queue of this module's dev server."""
+    settings = replace(
+        load_settings({"SEQUENCER_HOME": str(tmp_path / "home")}),
+        mailbox_poll_interval=timedelta(hours=1),
+    )
+    service = Sequencer(settings, client=dev_server.client)
+    recorder = Recorder()
+    async with Worker(
+        dev_server.client,
+        task_queue=TASK_QUEUE,
+        workflows=[MailboxWorkflow],
+        activities=[activities(dovecot, recorder).poll_mailbox],
+        workflow_runner=workflow_runner(),
+    ):
+        yield service, recorder
+    service.close()
+
+
+async def mailbox_of(service, address: str, condition, what: str) -> MailboxStatus:
+    deadline = time.monotonic() + 30
+    while True:
+        found = [m for m in await service.mailboxes() if m.address == address]
+        if found and condition(found[0]):
+            return found[0]
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting until {what}; last status {found}")
+        await asyncio.sleep(0.2)
+
+
+async def test_launch_moves_poller_to_new_url(service_on_dev_server, dovecot, address):
+    service, recorder = service_on_dev_server
+    closed = f"imap://127.0.0.1:{free_port()}"
+
+    unreachable = await service.watch_mailbox(Sender(email=address, imap_url=closed))
+    retrying = await mailbox_of(
+        service, address, lambda m: m.state == "retrying", "the poll is retried"
+    )
+    moved = await service.watch_mailbox(Sender(email=address, imap_url=dovecot.imap_url))
+    append(dovecot, address, "after the move")
+    reading = await mailbox_of(
+        service, address, lambda m: m.totals.messages == 1, "the message is read"
+    )
+    stopped = await service.mailbox_signal(address, "stop")
+
+    assert "cannot connect" in unreachable.problem
+    assert "cannot connect to the IMAP server" in retrying.problem
+    assert moved.moved_from == closed
+    assert moved.problem is None
+    assert reading.state == "reading"
+    assert reading.imap_url == dovecot.imap_url
+    assert recorder.subjects == ["after the move"]
+    assert "no longer read" in stopped
+
+
+async def test_unknown_mailbox_signal_rejected(service_on_dev_server):
+    service, _ = service_on_dev_server
+
+    with pytest.raises(ServiceError) as raised:
+        await service.mailbox_signal("nobody@example.com", "poll_now")
+
+    assert "mailbox poller of nobody@example.com not found" in str(raised.value)

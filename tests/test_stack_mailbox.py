@@ -188,6 +188,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 def test_launch_starts_mailbox_poller(run):
     assert run["launch"]["mailbox_workflow"] == f"mailbox-{SENDER}"
+    assert run["launch"]["mailbox_problem"] is None
 
 
 def test_hard_bounce_skips_second_email(run):
@@ -272,4 +273,4 @@ def test_mailbox_stop_command(run):
 
 def test_mailbox_stop_unknown_rejected(run):
     assert run["stop_again"].returncode == 1
-    assert f"no mailbox of {SENDER} is read" in flat(run["stop_again"].stderr)
+    assert f"mailbox poller of {SENDER} not found" in flat(run["stop_again"].stderr)

@@ -599,7 +599,7 @@ class LeadSequenceWorkflow:
             result_type=SlotGrant,
             start_to_close_timeout=timedelta(seconds=30),
             retry_policy=SLOT_RETRY,
-            summary=f"book a {kind} slot on {account.id}",
+            summary=f"book a slot for one {kind.replace('_', ' ')} on {account.id}",
         )
 
     async def _account_interrupted(self, account: AccountRef | None, message: str) -> None:
@@ -716,7 +716,8 @@ class LeadSequenceWorkflow:
                 ),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RECORD_RETRY,
-                summary=f"record {len(entries)} activity entries",
+                summary=f"record {len(entries)} activity log "
+                + ("entry" if len(entries) == 1 else "entries"),
             )
         current = (machine.status.value, stage)
         if current != self._search_attributes:
