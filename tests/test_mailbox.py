@@ -317,6 +317,23 @@ async def dev_server() -> Iterator[WorkflowEnvironment]:
         await environment.shutdown()
 
 
+def mailbox_worker(
+    environment: WorkflowEnvironment,
+    task_queue: str,
+    mailbox: MailboxActivities,
+    **options,
+) -> Worker:
+    """Build a worker that runs only the mailbox workflow and its activity."""
+    return Worker(
+        environment.client,
+        task_queue=task_queue,
+        workflows=[MailboxWorkflow],
+        activities=[mailbox.poll_mailbox],
+        workflow_runner=workflow_runner(),
+        **options,
+    )
+
+
 async def status_when(handle, condition, what: str, timeout: float = 30) -> MailboxStatus:
     deadline = time.monotonic() + timeout
     while True:
@@ -332,13 +349,7 @@ async def test_poller_reads_each_message_once(dovecot, dev_server, address):
     recorder = Recorder()
     task_queue = f"mailbox-{uuid.uuid4().hex[:8]}"
     append(dovecot, address, "before start")
-    async with Worker(
-        dev_server.client,
-        task_queue=task_queue,
-        workflows=[MailboxWorkflow],
-        activities=[activities(dovecot, recorder).poll_mailbox],
-        workflow_runner=workflow_runner(),
-    ):
+    async with mailbox_worker(dev_server, task_queue, activities(dovecot, recorder)):
         handle = await dev_server.client.start_workflow(
             MailboxWorkflow.run,
             MailboxInput(
@@ -365,13 +376,7 @@ async def test_poller_reads_each_message_once(dovecot, dev_server, address):
 async def test_poller_continues_as_new(dovecot, dev_server, address):
     recorder = Recorder()
     task_queue = f"mailbox-{uuid.uuid4().hex[:8]}"
-    async with Worker(
-        dev_server.client,
-        task_queue=task_queue,
-        workflows=[MailboxWorkflow],
-        activities=[activities(dovecot, recorder).poll_mailbox],
-        workflow_runner=workflow_runner(),
-    ):
+    async with mailbox_worker(dev_server, task_queue, activities(dovecot, recorder)):
         handle = await dev_server.client.start_workflow(
             MailboxWorkflow.run,
             MailboxInput(
@@ -421,12 +426,10 @@ async def test_poller_resumes_on_other_worker(dovecot, dev_server, address):
     task_queue = f"mailbox-{uuid.uuid4().hex[:8]}"
     append(dovecot, address, "one", "two", "three")
     stuck = Hanging("two")
-    first_worker = Worker(
-        dev_server.client,
-        task_queue=task_queue,
-        workflows=[MailboxWorkflow],
-        activities=[activities(dovecot, stuck).poll_mailbox],
-        workflow_runner=workflow_runner(),
+    first_worker = mailbox_worker(
+        dev_server,
+        task_queue,
+        activities(dovecot, stuck),
         graceful_shutdown_timeout=timedelta(seconds=0),
     )
     async with first_worker:
@@ -440,13 +443,7 @@ async def test_poller_resumes_on_other_worker(dovecot, dev_server, address):
 
     # The first worker stopped in the middle of the poll: another one takes the retry.
     recorder = Recorder()
-    async with Worker(
-        dev_server.client,
-        task_queue=task_queue,
-        workflows=[MailboxWorkflow],
-        activities=[activities(dovecot, recorder).poll_mailbox],
-        workflow_runner=workflow_runner(),
-    ):
+    async with mailbox_worker(dev_server, task_queue, activities(dovecot, recorder)):
         status = await status_when(
             handle, lambda s: s.totals.polls >= 1, "the retried poll ends", timeout=60
         )
@@ -460,13 +457,7 @@ async def test_poller_resumes_on_other_worker(dovecot, dev_server, address):
 
 async def test_stop_cancels_retried_poll(dovecot, dev_server, address):
     task_queue = f"mailbox-{uuid.uuid4().hex[:8]}"
-    async with Worker(
-        dev_server.client,
-        task_queue=task_queue,
-        workflows=[MailboxWorkflow],
-        activities=[activities(dovecot, Recorder()).poll_mailbox],
-        workflow_runner=workflow_runner(),
-    ):
+    async with mailbox_worker(dev_server, task_queue, activities(dovecot, Recorder())):
         handle = await dev_server.client.start_workflow(
             MailboxWorkflow.run,
             MailboxInput(address=address, imap_url=f"imap://127.0.0.1:{free_port()}"),
@@ -501,13 +492,7 @@ async def service_on_dev_server(dovecot, dev_server, tmp_path):
     )
     service = Sequencer(settings, client=dev_server.client)
     recorder = Recorder()
-    async with Worker(
-        dev_server.client,
-        task_queue=TASK_QUEUE,
-        workflows=[MailboxWorkflow],
-        activities=[activities(dovecot, recorder).poll_mailbox],
-        workflow_runner=workflow_runner(),
-    ):
+    async with mailbox_worker(dev_server, TASK_QUEUE, activities(dovecot, recorder)):
         yield service, recorder
     service.close()
 
