@@ -459,8 +459,13 @@ def load_campaign(path: str | Path) -> Campaign:
         raise CampaignError(str(path), ["file not found; check the path"]) from None
     except UnicodeDecodeError as error:
         raise CampaignError(str(path), [f"the file is not UTF-8 text ({error.reason})"]) from None
+    return parse_campaign_text(text, str(path))
+
+
+def parse_campaign_text(text: str, source: str = "<campaign>") -> Campaign:
+    """Validate a campaign from YAML text (JSON is YAML too), raising CampaignError."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
-        raise CampaignError(str(path), [describe_yaml_error(error)]) from None
-    return parse_campaign(data, str(path))
+        raise CampaignError(source, [describe_yaml_error(error)]) from None
+    return parse_campaign(data, source)

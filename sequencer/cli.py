@@ -36,11 +36,13 @@ task_app = typer.Typer(help="Calls and manual tasks waiting for a person.")
 lead_app = typer.Typer(help="Operator controls for one lead: pause, resume, remove, reassign.")
 account_app = typer.Typer(help="Sender accounts: their status, limits and outages.")
 mailbox_app = typer.Typer(help="Sender mailboxes read for bounces and replies.")
+apikey_app = typer.Typer(help="API keys of the HTTP API and the dashboard.")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
 app.add_typer(lead_app, name="lead")
 app.add_typer(account_app, name="account")
 app.add_typer(mailbox_app, name="mailbox")
+app.add_typer(apikey_app, name="apikey")
 
 console = Console()
 errors = Console(stderr=True)
@@ -103,7 +105,7 @@ def up(
     smtp_port: Annotated[int, typer.Option(help="Local SMTP server port.")] = 2525,
     linkedin_port: Annotated[int, typer.Option(help="LinkedIn sandbox port.")] = 8765,
     webhook_port: Annotated[
-        int, typer.Option(help="Port of the receiver for provider webhooks.")
+        int, typer.Option(help="Port of the HTTP app: dashboard, API and provider webhooks.")
     ] = 8766,
     imap_port: Annotated[
         int, typer.Option(help="Local IMAP server (Dovecot) port, when Dovecot is installed.")
@@ -131,7 +133,9 @@ def up(
             f"[bold]Sequencer local stack is up[/bold] (data in {stack.home})\n"
             f"  Temporal  {stack.settings.temporal_address}   UI {stack.ui_url}\n"
             f"  SMTP      {stack.smtp_url}   mailbox {stack.mailbox}\n"
-            f"  LinkedIn  {stack.settings.linkedin_url} (sandbox)   webhooks {stack.webhook_url}\n"
+            f"  LinkedIn  {stack.settings.linkedin_url} (sandbox)\n"
+            f"  HTTP      {stack.webhook_url}: dashboard, API (/docs) and webhooks; "
+            "create a key with `sequencer apikey create NAME`\n"
             f"  IMAP      {stack.imap_url or 'none (install dovecot-imapd to read mailboxes)'}\n"
             "Press Ctrl-C to stop.",
             highlight=False,
@@ -146,6 +150,30 @@ def up(
         asyncio.run(serve())
     except StackError as error:
         _fail(str(error))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8766,
+) -> None:
+    """Serve the HTTP API, the dashboard and the webhooks, against TEMPORAL_ADDRESS.
+
+    For production, where the worker runs on its own; `sequencer up` serves the same app.
+    """
+    import uvicorn
+
+    from sequencer.http_app import create_http_app
+
+    _configure_logging()
+    settings = _settings()
+    service = Sequencer(settings)
+    try:
+        app = create_http_app(service, settings)
+    except ValueError as error:
+        _fail(f"invalid setting: {error}")
+    uvicorn.run(app, host=host, port=port, log_level="warning")
+    service.close()
 
 
 @app.command()
@@ -704,6 +732,58 @@ def account_list(as_json: JsonOption = False) -> None:
             str(row.booked_ahead),
         )
     console.print(table)
+
+
+@apikey_app.command("create")
+def apikey_create(
+    name: Annotated[str, typer.Argument(help="Who or what uses the key, such as 'crm-sync'.")],
+) -> None:
+    """Create an API key and print it once: only its digest is stored."""
+    from sequencer.api_keys import create_api_key
+
+    service = _service()
+    try:
+        created = create_api_key(service.store, name)
+    except ValueError as error:
+        _fail(str(error))
+    errors.print(
+        f"API key {created.id} ({created.name}) created. It is shown only now: keep it in a "
+        "secret store.",
+        highlight=False,
+    )
+    print(created.key)
+
+
+@apikey_app.command("list")
+def apikey_list(as_json: JsonOption = False) -> None:
+    """List API keys: id, name, first characters, creation, last use, revocation."""
+    rows = _service().store.list_api_keys()
+    if as_json:
+        print(json.dumps([row.__dict__ for row in rows], indent=2, default=str))
+        return
+    table = Table(title="API keys")
+    for column in ("id", "name", "key", "created", "last used", "revoked"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            str(row.id),
+            row.name,
+            f"{row.prefix}...",
+            row.created_at.strftime("%Y-%m-%d %H:%M"),
+            row.last_used_at.strftime("%Y-%m-%d %H:%M") if row.last_used_at else "",
+            row.revoked_at.strftime("%Y-%m-%d %H:%M") if row.revoked_at else "",
+        )
+    console.print(table)
+
+
+@apikey_app.command("revoke")
+def apikey_revoke(
+    key_id: Annotated[int, typer.Argument(help="The key's id (apikey list).")],
+) -> None:
+    """Revoke an API key: requests that carry it are refused from now on."""
+    if not _service().store.revoke_api_key(key_id):
+        _fail(f"API key {key_id} not found, or already revoked: see `sequencer apikey list`")
+    console.print(f"API key {key_id} revoked")
 
 
 MAILBOX_STATE_STYLE = {

@@ -41,7 +41,13 @@ from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from sequencer.addresses import InvalidEmailError, normalize_email
-from sequencer.campaign import Campaign, LinkedInAccount, Sender, load_campaign
+from sequencer.campaign import (
+    Campaign,
+    LinkedInAccount,
+    Sender,
+    load_campaign,
+    parse_campaign_text,
+)
 from sequencer.channels import Channel, EnrollmentStatus, StepStatus
 from sequencer.config import Settings, read_stack_file
 from sequencer.durations import format_duration
@@ -83,6 +89,10 @@ TASK_OUTCOMES = ("done", "failed", "skipped")
 
 class ServiceError(Exception):
     """An operation that cannot be carried out. The message gives the reason and the next step."""
+
+
+class ServiceNotFoundError(ServiceError):
+    """An operation on a campaign, lead, task or mailbox that does not exist."""
 
 
 @dataclass
@@ -180,6 +190,49 @@ class Sequencer:
             )
             campaign = campaign.model_copy(update={"sender": sender})
         report = read_leads(Path(leads_path), campaign)
+        return await self._enroll_all(campaign, report, progress)
+
+    async def launch_content(
+        self,
+        campaign_text: str,
+        leads: bytes,
+        *,
+        campaign_name: str = "campaign.yaml",
+        leads_name: str = "leads.csv",
+        progress: Callable[[int, int], None] | None = None,
+    ) -> LaunchReport:
+        """Launch from uploaded contents: campaign YAML (or JSON) text and lead CSV bytes.
+
+        The names appear in error messages. Raises CampaignError, LeadFileError or
+        ServiceError, as `launch` does.
+        """
+        campaign = parse_campaign_text(campaign_text, campaign_name)
+        report = read_leads(leads, campaign, source_name=leads_name)
+        return await self._enroll_all(campaign, report, progress)
+
+    async def launch_saved(
+        self, campaign_ref: str, leads: bytes, *, leads_name: str = "leads.csv"
+    ) -> LaunchReport:
+        """Import lead CSV bytes into a saved campaign and enroll each valid lead."""
+        campaign = self._campaign(campaign_ref)
+        report = read_leads(leads, campaign, source_name=leads_name)
+        return await self._enroll_all(campaign, report, None)
+
+    def save_campaign(self, campaign: Campaign) -> None:
+        """Save a campaign without enrolling anyone; a launched one keeps its steps."""
+        self._check_same_steps(campaign)
+        self.store.save_campaign(campaign)
+
+    def campaign(self, campaign_ref: str) -> Campaign:
+        """Return a saved campaign by id or name; raises ServiceNotFoundError."""
+        return self._campaign(campaign_ref)
+
+    async def _enroll_all(
+        self,
+        campaign: Campaign,
+        report: ImportReport,
+        progress: Callable[[int, int], None] | None,
+    ) -> LaunchReport:
         self._check_same_steps(campaign)
         client = await self.client()
         self.store.save_campaign(campaign)
@@ -298,7 +351,7 @@ class Sequencer:
         except RPCError as error:
             if error.status != RPCStatusCode.NOT_FOUND:
                 raise
-            raise ServiceError(
+            raise ServiceNotFoundError(
                 f"mailbox poller of {key} not found: list the mailboxes read with "
                 "`sequencer mailbox list`"
             ) from None
@@ -914,7 +967,7 @@ class Sequencer:
         try:
             task = self.store.get_task(task_id)
         except NotFoundError as error:
-            raise ServiceError(str(error)) from None
+            raise ServiceNotFoundError(str(error)) from None
         if outcome not in TASK_OUTCOMES:
             raise ServiceError(f"invalid task outcome {outcome!r}: use done, failed or skipped")
         # The task's status is named like the outcome. Close the task before signalling the
@@ -943,13 +996,13 @@ class Sequencer:
         try:
             return self.store.get_campaign(reference)
         except NotFoundError as error:
-            raise ServiceError(str(error)) from None
+            raise ServiceNotFoundError(str(error)) from None
 
     def _enrollment(self, campaign: Campaign, lead_ref: str) -> EnrollmentRow:
         try:
             return self.store.get_enrollment(campaign.id, lead_ref)
         except NotFoundError as error:
-            raise ServiceError(str(error)) from None
+            raise ServiceNotFoundError(str(error)) from None
 
     def _address(self, address: str) -> str:
         try:

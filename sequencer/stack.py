@@ -39,12 +39,12 @@ from sequencer.config import (
     read_stack_file,
 )
 from sequencer.durations import format_duration
+from sequencer.http_app import create_http_app
 from sequencer.imap_server import Dovecot, ImapServerError, append_message, find_dovecot
 from sequencer.linkedin_sandbox import LinkedInSandbox
 from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink
 from sequencer.temporal import connect, find_binary, search_attribute_flags
-from sequencer.webhooks import create_webhook_app, mail_webhooks_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -313,25 +313,13 @@ class LocalStack:
         append_message(self._imap.host, self._imap.port, address, self._imap.password, raw)
 
     async def _start_webhooks(self) -> None:
-        """Serve the provider webhooks on this event loop: LinkedIn invitations, and the email
-        providers that the settings configure."""
+        """Serve the HTTP app on this event loop: the API, the dashboard and the webhooks of
+        LinkedIn and of the email providers that the settings configure."""
+        self._webhook_service = Sequencer(self.settings)
         try:
-            mail_webhooks = mail_webhooks_from_settings(self.settings)
+            app = create_http_app(self._webhook_service, self.settings)
         except ValueError as error:
             raise StackError(f"invalid email provider webhook setting: {error}") from None
-        self._webhook_service = Sequencer(self.settings)
-        app = create_webhook_app(
-            linkedin_secret=self.settings.linkedin_webhook_secret,
-            on_invitation=self._webhook_service.invitation_event,
-            on_mail_event=self._webhook_service.apply_inbound,
-            **mail_webhooks,
-        )
-        if mail_webhooks:
-            logger.info(
-                "Email provider webhooks served at %s/webhooks/{%s}",
-                self.webhook_url,
-                ",".join(sorted(mail_webhooks)),
-            )
         config = uvicorn.Config(
             app, host="127.0.0.1", port=self.ports.webhooks, log_level="warning", lifespan="off"
         )

@@ -127,6 +127,20 @@ soft_bounces = Table(
     Column("bounced_at", DateTime(timezone=True), nullable=False),
 )
 
+# API keys of the HTTP API: only a SHA-256 digest of each key is stored.
+api_keys = Table(
+    "api_keys",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("name", String(100), nullable=False),
+    # The first characters of the key, shown in lists so that a key can be recognised.
+    Column("prefix", String(16), nullable=False),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
 OPEN = "open"
 
 
@@ -158,6 +172,27 @@ class TaskRow:
     created_at: datetime
     closed_at: datetime | None
     note: str | None
+
+
+@dataclass
+class ApiKeyRow:
+    id: int
+    name: str
+    prefix: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+def _api_key_row(row: Any) -> ApiKeyRow:
+    return ApiKeyRow(
+        id=row.id,
+        name=row.name,
+        prefix=row.prefix,
+        created_at=_aware(row.created_at),
+        last_used_at=_aware(row.last_used_at),
+        revoked_at=_aware(row.revoked_at),
+    )
 
 
 @dataclass
@@ -461,6 +496,50 @@ class Store:
         with self.engine.begin() as connection:
             connection.execute(statement)
             return int(connection.execute(count).scalar_one())
+
+    # API keys
+
+    def add_api_key(self, name: str, prefix: str, digest: str) -> int:
+        """Store a new API key's digest and return its id."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                api_keys.insert().values(name=name, prefix=prefix, digest=digest, created_at=_now())
+            )
+            return int(result.inserted_primary_key[0])
+
+    def api_key_by_digest(self, digest: str) -> ApiKeyRow | None:
+        """Return the key with this digest, or None. Marks it used, at most once a minute."""
+        with self.engine.begin() as connection:
+            row = connection.execute(
+                select(api_keys).where(api_keys.c.digest == digest)
+            ).one_or_none()
+            if row is None:
+                return None
+            key = _api_key_row(row)
+            now = _now()
+            if key.revoked_at is None and (
+                key.last_used_at is None or now - key.last_used_at > timedelta(minutes=1)
+            ):
+                connection.execute(
+                    update(api_keys).where(api_keys.c.id == key.id).values(last_used_at=now)
+                )
+            return key
+
+    def list_api_keys(self) -> list[ApiKeyRow]:
+        with self.engine.connect() as connection:
+            rows = connection.execute(select(api_keys).order_by(api_keys.c.id))
+            return [_api_key_row(row) for row in rows]
+
+    def revoke_api_key(self, key_id: int) -> bool:
+        """Revoke a key; return False when no key has that id or it was revoked before."""
+        with self.engine.begin() as connection:
+            result = connection.execute(
+                update(api_keys)
+                .where(api_keys.c.id == key_id)
+                .where(api_keys.c.revoked_at.is_(None))
+                .values(revoked_at=_now())
+            )
+            return result.rowcount == 1
 
     def forget_inbound(self, message_key: str) -> None:
         """Forget an inbound message whose processing failed, so that it can be tried again."""
