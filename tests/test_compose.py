@@ -195,7 +195,11 @@ def test_published_ports_bind_to_loopback(services: dict) -> None:
             host_ip, host_port, container_port = parse_port(entry)
             assert host_ip == "127.0.0.1", f"{name}: port {entry} is not bound to 127.0.0.1"
             published[name, host_port] = container_port
-    assert published == {("temporal", "7233"): "7233", ("temporal-ui", "8233"): "8080"}
+    assert published == {
+        ("temporal", "7233"): "7233",
+        ("temporal-ui", "8233"): "8080",
+        ("api", "8766"): "8766",
+    }
 
 
 def test_secrets_are_not_hard_coded(services: dict) -> None:
@@ -544,3 +548,15 @@ def test_postgres_init_requires_password(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "SEQUENCER_DB_PASSWORD" in result.stderr
     assert logged_calls(environment) == []
+
+
+def test_api_service(services: dict) -> None:
+    api = services["api"]
+    environment = environment_of(api)
+
+    assert api["command"] == ["sequencer", "serve", "--host", "0.0.0.0", "--port", "8766"]
+    assert api["ports"] == ["127.0.0.1:8766:8766"]
+    assert "8766/healthz" in " ".join(api["healthcheck"]["test"])
+    assert environment["TEMPORAL_ADDRESS"] == "temporal:7233"
+    assert environment["DATABASE_URL"] == environment_of(services["worker"])["DATABASE_URL"]
+    assert ":?" in environment["SEQUENCER_LINKEDIN_WEBHOOK_SECRET"]
