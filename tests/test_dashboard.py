@@ -172,9 +172,13 @@ async def bounced(sequencer, tmp_path, time_skipping_env):
         "step 1 is sent to both leads",
     )
     await sequencer.report_failure(campaign_id, "bob@example.com", 1, "bounce", True, "550 5.1.1")
+    # The task row and the step's status are written by two activities: wait for both.
     await wait_for(
         time_skipping_env,
-        lambda: sequencer.tasks("open", campaign_id),
+        lambda: (
+            sequencer.tasks("open", campaign_id)
+            and step_statuses(sequencer, campaign_id, "bob@example.com")[2] == "waiting"
+        ),
         "Bob's call task opens",
     )
     yield campaign_id
