@@ -129,18 +129,7 @@ def _task(row: TaskRow) -> dict[str, Any]:
 
 
 def _import_report(report: ImportReport) -> dict[str, Any]:
-    return {
-        "leads": len(report.leads),
-        "warnings": [
-            {"row": lead.row, "lead": lead.lead.key, "warnings": lead.warnings}
-            for lead in report.leads
-            if lead.warnings
-        ],
-        "rejected": [{"row": r.row, "line": r.line, "reason": r.reason} for r in report.rejected],
-        "duplicates": [
-            {"row": d.row, "line": d.line, "duplicate_of_row": d.of_row} for d in report.duplicates
-        ],
-    }
+    return {"leads": len(report.leads), **report.as_dict()}
 
 
 def _launch(report: LaunchReport) -> dict[str, Any]:
@@ -269,8 +258,7 @@ def api_router(service: Sequencer) -> APIRouter:
         if status:
             rows = [row for row in rows if row.status == status]
         if q:
-            needle = q.casefold()
-            rows = [row for row in rows if needle in _searchable(row)]
+            rows = [row for row in rows if row.matches(q)]
         return [_enrollment(row) for row in rows]
 
     @router.get("/campaigns/{campaign_id}/leads/{lead}/activity", summary="One lead's Activity")
@@ -400,12 +388,6 @@ def api_router(service: Sequencer) -> APIRouter:
         return [json.loads(row.model_dump_json()) for row in await service.mailboxes()]
 
     return router
-
-
-def _searchable(row: EnrollmentRow) -> str:
-    lead = row.lead
-    parts = (row.lead_key, lead.email, lead.first_name, lead.last_name, lead.company)
-    return " ".join(part for part in parts if part).casefold()
 
 
 def _text_body(description: str) -> dict[str, Any]:

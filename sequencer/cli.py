@@ -270,7 +270,6 @@ def launch(
 
 
 def _launch_dict(report: LaunchReport) -> dict[str, Any]:
-    imported = report.import_report
     return {
         "campaign": report.campaign.name,
         "campaign_id": report.campaign.id,
@@ -278,16 +277,7 @@ def _launch_dict(report: LaunchReport) -> dict[str, Any]:
         "already_enrolled": report.already_enrolled,
         "mailbox_workflow": report.mailbox.workflow_id if report.mailbox else None,
         "mailbox_problem": report.mailbox.problem if report.mailbox else None,
-        "warnings": [
-            {"row": lead.row, "lead": lead.lead.key, "warnings": lead.warnings}
-            for lead in imported.leads
-            if lead.warnings
-        ],
-        "rejected": [{"row": r.row, "line": r.line, "reason": r.reason} for r in imported.rejected],
-        "duplicates": [
-            {"row": d.row, "line": d.line, "duplicate_of_row": d.of_row}
-            for d in imported.duplicates
-        ],
+        **report.import_report.as_dict(),
     }
 
 

@@ -184,14 +184,6 @@ def lead_name(lead: Lead) -> str:
     return " ".join(part for part in (lead.first_name, lead.last_name) if part)
 
 
-def lead_matches(row: EnrollmentRow, query: str) -> bool:
-    """Return whether the query occurs, ignoring case, in the lead's address, name or company."""
-    lead = row.lead
-    fields = (row.lead_key, lead.email, lead.linkedin_url, lead_name(lead), lead.company)
-    needle = query.casefold()
-    return any(needle in value.casefold() for value in fields if value)
-
-
 def format_utc(at: datetime | None) -> str:
     return at.strftime("%Y-%m-%d %H:%M:%S") if at else ""
 
@@ -717,7 +709,7 @@ class _Dashboard:
         matched = [
             row
             for row in rows
-            if (not status or row.status == status) and (not query or lead_matches(row, query))
+            if (not status or row.status == status) and (not query or row.matches(query))
         ]
         pages = max((len(matched) + LEADS_PAGE_SIZE - 1) // LEADS_PAGE_SIZE, 1)
         page = min(max(_int(page_text, 1), 1), pages)

@@ -3,7 +3,7 @@
 The demo plays the parts of the outside world that a real deployment gets from elsewhere: it
 completes the call tasks as a sales rep would, and, on a stack without an IMAP server, reports
 the late bounce of the `late-bounce` lead as a mail system would. The local stack plays the
-rest: its SMTP server sends the late bounce, and the `reply` lead's answer, into the sender's
+rest: its SMTP server sends the late bounce, and the `reply` lead's reply, into the sender's
 IMAP mailbox (Dovecot), where the worker's mailbox poller finds them; its LinkedIn sandbox
 accepts invitations 10 seconds after they are sent (so the LinkedIn messages wait for them);
 and its SMTP server refuses the email-only campaign's sender for 20 seconds (so those leads
@@ -188,7 +188,7 @@ async def _play_world(
     """Report the late bounce and complete open tasks, as the outside world would.
 
     With an IMAP server in the stack, the bounce arrives in the sender's mailbox instead, and
-    the demo only says when the worker applied it.
+    the demo only prints when the worker applied it.
     """
     now = time.monotonic()
     for report in reports:

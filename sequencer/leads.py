@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import Any
 
 import phonenumbers
 
@@ -137,6 +138,21 @@ class ImportReport:
     leads: list[ImportedLead] = field(default_factory=list)
     rejected: list[RejectedRow] = field(default_factory=list)
     duplicates: list[DuplicateRow] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Return the warnings, rejected rows and duplicates, as the JSON outputs show them."""
+        return {
+            "warnings": [
+                {"row": lead.row, "lead": lead.lead.key, "warnings": lead.warnings}
+                for lead in self.leads
+                if lead.warnings
+            ],
+            "rejected": [{"row": r.row, "line": r.line, "reason": r.reason} for r in self.rejected],
+            "duplicates": [
+                {"row": d.row, "line": d.line, "duplicate_of_row": d.of_row}
+                for d in self.duplicates
+            ],
+        }
 
     @property
     def warning_count(self) -> int:

@@ -1120,7 +1120,7 @@ def _set_poll_state(status: MailboxStatus, description: WorkflowExecutionDescrip
 
 
 def _bounce_detail(recipient: FailedRecipient) -> str:
-    """Return the status code and diagnostic of a failed recipient, each code said once."""
+    """Return the status code and diagnostic of a failed recipient, each code written once."""
     diagnostic = recipient.diagnostic or ""
     if recipient.status and recipient.status not in diagnostic:
         return f"{recipient.status} {diagnostic}".strip()

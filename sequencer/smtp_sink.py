@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 LATE_BOUNCE_PREFIX = "late-bounce"
 # The sink sends a message back to the sender for recipients whose local part starts with one
-# of these; see `sequencer.sink_reports` for what each message contains.
+# of these. `sequencer.sink_reports` builds each message.
 REPORT_PREFIXES = (LATE_BOUNCE_PREFIX, "soft-bounce", "ooo", "reply")
 DEFAULT_REPORT_DELAY = 2.0
 OUTAGE_PREFIX = "outage"

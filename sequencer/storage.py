@@ -206,6 +206,15 @@ class EnrollmentRow:
     enrolled_at: datetime
     updated_at: datetime
 
+    def matches(self, query: str) -> bool:
+        """Return whether `query` occurs, ignoring case, in the lead's key, email address,
+        LinkedIn URL, name or company."""
+        lead = self.lead
+        name = " ".join(part for part in (lead.first_name, lead.last_name) if part)
+        fields = (self.lead_key, lead.email, lead.linkedin_url, name, lead.company)
+        needle = query.casefold()
+        return any(needle in value.casefold() for value in fields if value)
+
 
 @dataclass
 class ChannelCounts:
@@ -508,7 +517,11 @@ class Store:
             return int(result.inserted_primary_key[0])
 
     def api_key_by_digest(self, digest: str) -> ApiKeyRow | None:
-        """Return the key with this digest, or None. Marks it used, at most once a minute."""
+        """Return the key with this digest, or None.
+
+        The key's last use is written at most once a minute, so that a busy client does not
+        cause a write on every request.
+        """
         with self.engine.begin() as connection:
             row = connection.execute(
                 select(api_keys).where(api_keys.c.digest == digest)
