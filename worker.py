@@ -22,12 +22,18 @@ from activities.accounts import AccountActivities
 from activities.email import EmailActivities
 from activities.linkedin import LinkedInActivities
 from activities.mailbox import CredentialsFor, ImapCredentials, MailboxActivities
-from activities.records import StoreActivities
+from activities.records import StoreActivities, StoreSendLedger
 from sequencer.config import Settings, load_settings
 from sequencer.models import TASK_QUEUE
 from sequencer.service import Sequencer
 from sequencer.storage import Store
-from sequencer.temporal import connect, exit_without_teardown, lead_worker
+from sequencer.temporal import (
+    MissingSearchAttributesError,
+    check_search_attributes,
+    connect,
+    exit_without_teardown,
+    lead_worker,
+)
 
 logger = logging.getLogger("sequencer.worker")
 
@@ -55,6 +61,7 @@ def build_worker(
         is_suppressed=is_suppressed,
         smtp_username=settings.smtp_username,
         smtp_password=settings.smtp_password,
+        ledger=StoreSendLedger(store),
     )
     return lead_worker(
         client,
@@ -100,6 +107,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     store = Store(settings.database_url)
     async with AsyncExitStack() as stack:
         client = await connect(settings.temporal_address, settings.temporal_namespace)
+        await check_search_attributes(client)
         linkedin = LinkedInActivities(
             base_url=settings.linkedin_url, api_key=settings.linkedin_api_key
         )
@@ -121,6 +129,8 @@ def main() -> None:
         level=os.environ.get("SEQUENCER_LOG_LEVEL", "INFO"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # pytransitions logs every state change at INFO: one line per lead and step.
+    logging.getLogger("transitions").setLevel(logging.WARNING)
     try:
         settings = load_settings()
     except ValueError as error:
@@ -137,6 +147,9 @@ def main() -> None:
     code = 0
     try:
         asyncio.run(serve())
+    except MissingSearchAttributesError as error:
+        logger.error("Cannot start: %s", error)
+        code = 1
     except Exception:
         logger.exception("Worker failed")
         code = 1

@@ -13,23 +13,35 @@ Outcomes of `send_email`:
 
 Message-IDs are derived from the campaign, the lead and the step, so a follow-up can thread
 under earlier steps without storing anything, and a retried send reuses the same Message-ID.
-NOTE: a retry after the server accepted the message, but before Temporal recorded the result,
-sends it twice. Only receivers that deduplicate by Message-ID show it once.
+
+At most one send per step: the Message-ID is also the send's idempotency key in the worker's
+send ledger (`email_sends` in the database). An attempt claims the key before connecting,
+marks it `sending` just before the DATA command, and `sent` once the server accepts the
+message. A later attempt (a retry, or a worker that took over from one that died) checks the
+ledger first: it reports a `sent` step without sending, and never sends again one that was
+`sending`. A lost connection during DATA, or an attempt that died in it, leaves the outcome
+unknown: the step is recorded as sent with reason `delivery_uncertain` (see
+DELIVERY_UNCERTAIN_REASON), because a message sent twice cannot be taken back while a missed one
+still shows in the Activity, and a bounce of it still arrives by DSN.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.errors import HeaderDefect
 from email.headerregistry import Address
 from email.message import EmailMessage
 from email.utils import format_datetime
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiosmtplib
@@ -51,6 +63,18 @@ BOUNCE_REASON = "bounce"
 NO_SENDER_REASON = "no_sender"
 INVALID_EMAIL_ADDRESS_REASON = "invalid_email_address"
 UNSUPPORTED_ADDRESS_REASON = "unsupported_address"
+# A sent step whose message may or may not have reached the server, and is not sent again.
+DELIVERY_UNCERTAIN_REASON = "delivery_uncertain"
+
+# Send ledger states, as stored by sequencer.storage.
+SEND_CLAIMED = "claimed"
+SEND_SENDING = "sending"
+SEND_SENT = "sent"
+SEND_UNCERTAIN = "uncertain"
+
+# How often a running send heartbeats. The workflow's heartbeat timeout is a few times longer,
+# so that an attempt on a worker that died is retried in seconds, not minutes.
+HEARTBEAT_INTERVAL = 5.0
 
 INVALID_STEP_ERROR_TYPE = "InvalidStepError"
 
@@ -115,12 +139,12 @@ class SmtpServer:
 
 def smtp_client(
     server: SmtpServer, *, username: str | None, password: str | None, timeout: float
-) -> aiosmtplib.SMTP:
+) -> _LedgerSMTP:
     """Build an unconnected client for `server` that logs in on connect when `username` is set.
 
     `timeout` is the limit in seconds for connecting and for each SMTP command.
     """
-    return aiosmtplib.SMTP(
+    return _LedgerSMTP(
         hostname=server.host,
         port=server.port,
         use_tls=server.implicit_tls,
@@ -138,6 +162,84 @@ def sender_hint(subtype: str, default: str = _DEFAULT_SENDER_HINT) -> str:
     return _SENDER_HINTS.get(subtype, default)
 
 
+@dataclass
+class LedgerEntry:
+    """A send in the ledger: its state, the attempt that owns it, and its detail."""
+
+    state: str
+    attempt: str
+    detail: str | None
+
+
+class SendLedger(Protocol):
+    """Durable record of each email step's send, keyed by its Message-ID."""
+
+    async def claim(self, key: str, workflow_id: str, step: int, attempt: str) -> LedgerEntry:
+        """Make `attempt` the owner of a send not yet started; return the send's entry."""
+        ...
+
+    async def move(
+        self, key: str, attempt: str, before: str, after: str, detail: str | None = None
+    ) -> bool:
+        """Move the send from `before` to `after` if `attempt` owns it; return whether it did."""
+        ...
+
+    async def release(self, key: str, attempt: str) -> None:
+        """Forget a send that did not reach the server, so that a later attempt may send it."""
+        ...
+
+
+class _ClaimLost(Exception):
+    """Another attempt took the send over before this one started DATA."""
+
+
+class _LedgerSMTP(aiosmtplib.SMTP):
+    """An SMTP client that calls `before_data` just before the DATA command.
+
+    `in_doubt` is true once DATA has started and the server's final reply has not come.
+    """
+
+    before_data: Callable[[], Awaitable[None]] | None = None
+    data_started = False
+    data_answered = False
+
+    @property
+    def in_doubt(self) -> bool:
+        return self.data_started and not self.data_answered
+
+    async def data(self, message: str | bytes, /, **options: Any) -> aiosmtplib.SMTPResponse:
+        if self.before_data is not None:
+            await self.before_data()
+        self.data_started = True
+        try:
+            response = await super().data(message, **options)
+        except aiosmtplib.SMTPResponseException:
+            self.data_answered = True
+            raise
+        self.data_answered = True
+        return response
+
+
+@asynccontextmanager
+async def _heartbeats() -> AsyncIterator[None]:
+    """Heartbeat every HEARTBEAT_INTERVAL seconds while the body runs."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+
+
 class EmailActivities:
     """The email channel's activities. The worker builds one instance with its clients."""
 
@@ -148,11 +250,13 @@ class EmailActivities:
         smtp_username: str | None = None,
         smtp_password: str | None = None,
         timeout: float = 30.0,
+        ledger: SendLedger | None = None,
     ) -> None:
         """Set up the channel.
 
         `is_suppressed` receives the lead's normalized address. `timeout` is the limit in
-        seconds for connecting and for each SMTP command.
+        seconds for connecting and for each SMTP command. Without a `ledger`, nothing keeps a
+        retried attempt from sending a message the server accepted before (tests only).
         """
         if smtp_password is not None and smtp_username is None:
             raise ValueError("an SMTP password was given without an SMTP username")
@@ -162,6 +266,7 @@ class EmailActivities:
         self._smtp_username = smtp_username
         self._smtp_password = smtp_password
         self._timeout = timeout
+        self._ledger = ledger
 
     @activity.defn(name="send_email")
     async def send_email(self, input: StepInput) -> StepOutcome:
@@ -227,13 +332,80 @@ class EmailActivities:
             raise self._account_interrupted(
                 input, f"{error}. Fix the sender's smtp_url in the campaign file"
             ) from None
-
         client = smtp_client(
             server,
             username=self._smtp_username,
             password=self._smtp_password,
             timeout=self._timeout,
         )
+        ledger = self._ledger
+        if ledger is None:
+            async with _heartbeats():
+                return await self._transmit(input, server, client, sender, message, recipient)
+
+        key = str(message["Message-ID"])
+        attempt = uuid.uuid4().hex
+        entry = await self._ledger_call(
+            input, ledger.claim(key, input.workflow_id, input.step_number, attempt)
+        )
+        if entry.state == SEND_SENT:
+            logger.info(
+                "email step already sent by an earlier attempt, not sent again: campaign %s, "
+                "workflow %s, step %d",
+                input.campaign_id,
+                input.workflow_id,
+                input.step_number,
+            )
+            return self._finish(input, StepStatus.SENT, None, entry.detail or key)
+        if entry.state == SEND_SENDING:
+            # An earlier attempt stopped in DATA: the server may have the message.
+            detail = (
+                f"an earlier attempt stopped while transmitting the message ({key}) to SMTP "
+                f"server {server}; the server may have accepted it, so it is not sent again"
+            )
+            await self._ledger_call(
+                input, ledger.move(key, entry.attempt, SEND_SENDING, SEND_UNCERTAIN, detail)
+            )
+            return self._uncertain(input, detail)
+        if entry.state != SEND_CLAIMED or entry.attempt != attempt:
+            detail = entry.detail or f"the outcome of sending {key} is unknown"
+            return self._uncertain(input, detail)
+
+        async def before_data() -> None:
+            if not await self._ledger_call(
+                input, ledger.move(key, attempt, SEND_CLAIMED, SEND_SENDING)
+            ):
+                raise _ClaimLost()
+
+        client.before_data = before_data
+        try:
+            async with _heartbeats():
+                outcome = await self._transmit(input, server, client, sender, message, recipient)
+        except _ClaimLost:
+            raise self._transient(
+                input, "another attempt took this send over before it started DATA"
+            ) from None
+        except BaseException:
+            # A send stopped in DATA stays `sending`, which later attempts treat as uncertain.
+            if not client.in_doubt:
+                await self._release_quietly(input, key, attempt)
+            raise
+        if outcome.status == StepStatus.SENT:
+            state = SEND_UNCERTAIN if outcome.reason == DELIVERY_UNCERTAIN_REASON else SEND_SENT
+            await self._mark_quietly(input, key, attempt, state, outcome.detail)
+        else:
+            await self._release_quietly(input, key, attempt)
+        return outcome
+
+    async def _transmit(
+        self,
+        input: StepInput,
+        server: SmtpServer,
+        client: _LedgerSMTP,
+        sender: Sender,
+        message: EmailMessage,
+        recipient: str,
+    ) -> StepOutcome:
         try:
             try:
                 await client.connect()
@@ -256,6 +428,13 @@ class EmailActivities:
             except (aiosmtplib.SMTPException, OSError) as error:
                 # A QUIT on a dropped or silent connection would only wait for the timeout again.
                 client.close()
+                if client.in_doubt:
+                    return self._uncertain(
+                        input,
+                        f"the connection to SMTP server {server} was lost while transmitting the "
+                        f"message ({error}); the server may have accepted it, so it is not sent "
+                        f"again (Message-ID {message['Message-ID']})",
+                    )
                 raise self._transient(
                     input, f"sending through SMTP server {server} failed: {error}"
                 ) from error
@@ -264,6 +443,53 @@ class EmailActivities:
 
         message_id = str(message["Message-ID"])
         return self._finish(input, StepStatus.SENT, None, message_id)
+
+    async def _ledger_call(self, input: StepInput, call: Awaitable[Any]) -> Any:
+        """Await a ledger call; a database failure becomes a transient error, retried later."""
+        try:
+            return await call
+        except Exception as error:
+            raise self._transient(
+                input, f"the send ledger in the database failed ({error}); nothing was sent"
+            ) from error
+
+    async def _release_quietly(self, input: StepInput, key: str, attempt: str) -> None:
+        assert self._ledger is not None
+        try:
+            await self._ledger.release(key, attempt)
+        except Exception as error:  # noqa: BLE001 - a later attempt takes the claim over
+            logger.warning(
+                "could not release the send of workflow %s, step %d: %s",
+                input.workflow_id,
+                input.step_number,
+                error,
+            )
+
+    async def _mark_quietly(
+        self, input: StepInput, key: str, attempt: str, state: str, detail: str | None
+    ) -> None:
+        """Record the outcome of a send that reached DATA; the outcome is returned either way."""
+        assert self._ledger is not None
+        try:
+            await self._ledger.move(key, attempt, SEND_SENDING, state, detail)
+        except Exception as error:  # noqa: BLE001 - a later attempt reads `sending` as uncertain
+            logger.warning(
+                "could not mark the send of workflow %s, step %d as %s: %s",
+                input.workflow_id,
+                input.step_number,
+                state,
+                error,
+            )
+
+    def _uncertain(self, input: StepInput, detail: str) -> StepOutcome:
+        logger.warning(
+            "email step outcome unknown, recorded as sent and not sent again: campaign %s, "
+            "workflow %s, step %d",
+            input.campaign_id,
+            input.workflow_id,
+            input.step_number,
+        )
+        return StepOutcome(status=StepStatus.SENT, reason=DELIVERY_UNCERTAIN_REASON, detail=detail)
 
     def _rejected(
         self, input: StepInput, server: SmtpServer, code: int, text: str, recipient: str

@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from sqlalchemy.exc import OperationalError
 from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities.email import LedgerEntry
 from sequencer.channels import Reason, StepStatus, StepType
 from sequencer.models import RecordInput, StepInput, StepOutcome, TaskInput
 from sequencer.storage import Store
@@ -22,7 +25,19 @@ class StoreActivities:
     @activity.defn(name="record_activity")
     async def record_activity(self, record: RecordInput) -> int:
         """Write an enrollment's new log entries; retried writes add nothing twice."""
-        return await asyncio.to_thread(self._store.record, record)
+        try:
+            return await asyncio.to_thread(self._store.record, record)
+        except OperationalError as error:
+            # A locked or unreachable database: one line per attempt instead of a traceback.
+            logger.warning(
+                "database unavailable, Temporal retries the write: workflow %s: %s",
+                record.workflow_id,
+                error.orig if error.orig is not None else error,
+            )
+            raise ApplicationError(
+                f"database unavailable: {error.orig if error.orig is not None else error}",
+                category=ApplicationErrorCategory.BENIGN,
+            ) from error
 
     @activity.defn(name="create_task")
     async def create_task(self, input: StepInput) -> StepOutcome:
@@ -61,3 +76,22 @@ class StoreActivities:
             step.type,
         )
         return StepOutcome(status=StepStatus.WAITING, detail=f"task {task.id}")
+
+
+class StoreSendLedger:
+    """The email channel's send ledger, kept in the database's `email_sends` table."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def claim(self, key: str, workflow_id: str, step: int, attempt: str) -> LedgerEntry:
+        row = await asyncio.to_thread(self._store.claim_send, key, workflow_id, step, attempt)
+        return LedgerEntry(state=row.state, attempt=row.attempt, detail=row.detail)
+
+    async def move(
+        self, key: str, attempt: str, before: str, after: str, detail: str | None = None
+    ) -> bool:
+        return await asyncio.to_thread(self._store.move_send, key, attempt, before, after, detail)
+
+    async def release(self, key: str, attempt: str) -> None:
+        await asyncio.to_thread(self._store.release_send, key, attempt)

@@ -40,6 +40,7 @@ CAMPAIGN_CONTENT_TYPES = ("application/yaml", "application/x-yaml", "text/yaml",
 
 LeadStatus = Literal["running", "paused", "completed", "stopped", "replied", "removed"]
 TaskStatus = Literal["open", "done", "failed", "skipped", "cancelled", "all"]
+SendState = Literal["claimed", "sending", "sent", "uncertain"]
 
 
 # Request bodies
@@ -367,6 +368,17 @@ def api_router(service: Sequencer) -> APIRouter:
         ] = False,
     ) -> Lines:
         return Lines(lines=await service.resubscribe(address, resume))
+
+    # Email sends
+
+    @router.get("/sends", summary="Email sends by step, from the send ledger")
+    def list_sends(
+        state: Annotated[
+            SendState | None,
+            Query(description="Only sends in this state; `uncertain` lists unknown outcomes."),
+        ] = None,
+    ) -> list[dict[str, Any]]:
+        return service.sends(state)
 
     # Accounts and mailboxes
 

@@ -690,6 +690,40 @@ def resubscribe(
         console.print(line, highlight=False)
 
 
+@app.command()
+def sends(
+    uncertain: Annotated[
+        bool,
+        typer.Option(
+            "--uncertain",
+            help="Only the sends whose outcome is unknown (recorded as sent, never sent again).",
+        ),
+    ] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the email sends of every step, from the send ledger that keeps them to one each."""
+    rows = _service().sends("uncertain" if uncertain else None)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        console.print("No uncertain sends." if uncertain else "No email sends yet.")
+        return
+    table = Table(title="Uncertain email sends" if uncertain else "Email sends")
+    for column in ("campaign", "lead", "step", "state", "Message-ID", "detail"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["campaign"] or "",
+            row["lead"] or row["workflow_id"],
+            str(row["step"]),
+            row["state"],
+            row["message_id"],
+            row["detail"] or "",
+        )
+    console.print(table)
+
+
 # Sender accounts
 
 

@@ -23,7 +23,14 @@ WORKFLOW_TYPE = "LeadSequenceWorkflow"
 SEARCH_ATTRIBUTE_CAMPAIGN = "SequencerCampaign"
 SEARCH_ATTRIBUTE_STATUS = "SequencerStatus"
 SEARCH_ATTRIBUTE_STAGE = "SequencerStage"
-SEARCH_ATTRIBUTES = (SEARCH_ATTRIBUTE_CAMPAIGN, SEARCH_ATTRIBUTE_STATUS, SEARCH_ATTRIBUTE_STAGE)
+# The sender account a lead waits on while paused by it, else the one its next step sends from.
+SEARCH_ATTRIBUTE_ACCOUNT = "SequencerAccount"
+SEARCH_ATTRIBUTES = (
+    SEARCH_ATTRIBUTE_CAMPAIGN,
+    SEARCH_ATTRIBUTE_STATUS,
+    SEARCH_ATTRIBUTE_STAGE,
+    SEARCH_ATTRIBUTE_ACCOUNT,
+)
 
 
 class Lead(BaseModel):

@@ -405,6 +405,29 @@ class Sequencer:
     def enrollments(self, campaign_ref: str) -> list[EnrollmentRow]:
         return self.store.list_enrollments(self._campaign(campaign_ref).id)
 
+    def sends(self, state: str | None = None) -> list[dict[str, Any]]:
+        """Return the email sends in the send ledger, oldest first, with their lead."""
+        rows = []
+        for send in self.store.list_sends(state):
+            try:
+                enrollment = self.store.get_enrollment_by_workflow(send.workflow_id)
+                campaign, lead = enrollment.campaign_id, enrollment.lead_key
+            except NotFoundError:
+                campaign, lead = None, None  # a what-if run's lead, or one deleted since
+            rows.append(
+                {
+                    "campaign": campaign,
+                    "lead": lead,
+                    "step": send.step,
+                    "state": send.state,
+                    "message_id": send.send_key,
+                    "detail": send.detail,
+                    "updated_at": send.updated_at.isoformat(),
+                    "workflow_id": send.workflow_id,
+                }
+            )
+        return rows
+
     def workflow_url(self, workflow_id: str) -> str | None:
         stack = read_stack_file(self.settings.stack_file)
         ui = stack.get("ui_url")

@@ -32,7 +32,12 @@ import temporalio.exceptions
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from temporalio import activity
-from temporalio.client import WorkflowFailureError, WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import (
+    WorkflowFailureError,
+    WorkflowHandle,
+    WorkflowHistory,
+    WorkflowUpdateFailedError,
+)
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -311,10 +316,12 @@ async def run_simulation(
     leads: Iterable[Lead],
     scripts: dict[str, LeadScript],
     environment: WorkflowEnvironment | None = None,
+    histories: dict[str, WorkflowHistory] | None = None,
 ) -> dict[str, Any]:
     """Run every lead through the real workflow on the time-skipping server.
 
-    Returns the report that `sequencer simulate --json` prints.
+    Returns the report that `sequencer simulate --json` prints. When `histories` is given, it
+    receives each lead's workflow history by lead key, for the replay tests.
     """
     leads = list(leads)
     if environment is None:
@@ -327,7 +334,7 @@ async def run_simulation(
             test_server_existing_path=str(find_binary("temporal-test-server")),
             data_converter=pydantic_data_converter,
         ) as started:
-            return await run_simulation(campaign, leads, scripts, started)
+            return await run_simulation(campaign, leads, scripts, started, histories)
 
     client = environment.client
     await register_search_attributes(client)
@@ -384,6 +391,8 @@ async def run_simulation(
             for at, argument in after_end.get(lead.key, []):
                 result = _apply_after_end(campaign, result, argument, at)
             results.append(result)
+            if histories is not None:
+                histories[lead.key] = await handles[lead.key].fetch_history()
     # `warnings` is not part of the JSON report: the CLI prints it to stderr.
     return {
         "campaign": campaign.name,

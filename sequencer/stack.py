@@ -20,6 +20,7 @@ import ctypes
 import json
 import logging
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -44,7 +45,12 @@ from sequencer.imap_server import Dovecot, ImapServerError, append_message, find
 from sequencer.linkedin_sandbox import LinkedInSandbox
 from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink
-from sequencer.temporal import connect, find_binary, search_attribute_flags
+from sequencer.temporal import (
+    connect,
+    find_binary,
+    register_search_attributes,
+    search_attribute_flags,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,11 +83,36 @@ class StackPorts:
 
     @classmethod
     def free(cls) -> StackPorts:
-        """Pick six free ports on 127.0.0.1, for tests and parallel stacks."""
-        return cls(*(free_port() for _ in range(6)))
+        """Pick six different free ports on 127.0.0.1, for tests and parallel stacks."""
+        ports: list[int] = []
+        while len(ports) < 6:
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        return cls(*ports)
+
+
+# Ports are picked below the kernel's ephemeral range: a port the kernel hands out for a bind
+# to port 0 may go to another process (the Temporal dev server binds several of its own)
+# between the moment we pick it and the moment our server binds it.
+FREE_PORT_FLOOR = 20000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 
 
 def free_port() -> int:
+    """Return a port on 127.0.0.1 that nothing listens on, outside the ephemeral range."""
+    try:
+        ceiling = int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        ceiling = FREE_PORT_FLOOR
+    for _ in range(100 if ceiling - FREE_PORT_FLOOR > 1000 else 0):
+        port = random.randrange(FREE_PORT_FLOOR, ceiling)
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -274,7 +305,7 @@ class LocalStack:
             try:
                 client = await connect(self.settings.temporal_address)
                 await client.count_workflows()
-                return
+                break
             except Exception:
                 if time.monotonic() > deadline:
                     raise StackError(
@@ -283,6 +314,8 @@ class LocalStack:
                         f"see {self.home / 'temporal.log'}"
                     ) from None
                 await asyncio.sleep(0.5)
+        # A database from an older version lacks the search attributes added since.
+        await register_search_attributes(client)
 
     def _start_imap(self) -> None:
         """Start Dovecot when it is installed; without it the stack runs without mailboxes."""

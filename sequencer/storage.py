@@ -141,6 +141,29 @@ api_keys = Table(
     Column("revoked_at", DateTime(timezone=True)),
 )
 
+# The email sends of each step, keyed by the step's Message-ID, so that a retried attempt never
+# sends again what the SMTP server may already have. States:
+#   claimed    an attempt owns the send and has not started DATA: a later attempt may take over
+#   sending    the message is being transmitted: if the attempt dies now, the outcome is unknown
+#   sent       the server accepted the message
+#   uncertain  the connection was lost during DATA, or the attempt died in it: never sent again
+email_sends = Table(
+    "email_sends",
+    metadata,
+    Column("send_key", String(255), primary_key=True),
+    Column("workflow_id", String(128), nullable=False, index=True),
+    Column("step", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("attempt", String(64), nullable=False),
+    Column("detail", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+SEND_CLAIMED = "claimed"
+SEND_SENDING = "sending"
+SEND_SENT = "sent"
+SEND_UNCERTAIN = "uncertain"
+
 OPEN = "open"
 
 
@@ -172,6 +195,29 @@ class TaskRow:
     created_at: datetime
     closed_at: datetime | None
     note: str | None
+
+
+@dataclass
+class SendRow:
+    send_key: str
+    workflow_id: str
+    step: int
+    state: str
+    attempt: str
+    detail: str | None
+    updated_at: datetime
+
+
+def _send_row(row: Any) -> SendRow:
+    return SendRow(
+        send_key=row.send_key,
+        workflow_id=row.workflow_id,
+        step=row.step,
+        state=row.state,
+        attempt=row.attempt,
+        detail=row.detail,
+        updated_at=_aware(row.updated_at),
+    )
 
 
 @dataclass
@@ -484,6 +530,73 @@ class Store:
         )
         with self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
+
+    # Email sends (at most one per step)
+
+    def claim_send(self, send_key: str, workflow_id: str, step: int, attempt: str) -> SendRow:
+        """Make `attempt` the owner of a send not yet started, and return the send's row.
+
+        A row in another state than `claimed` is returned unchanged: the caller must not send.
+        """
+        with self.engine.begin() as connection:
+            connection.execute(
+                self._insert(email_sends)
+                .values(
+                    send_key=send_key,
+                    workflow_id=workflow_id,
+                    step=step,
+                    state=SEND_CLAIMED,
+                    attempt=attempt,
+                    updated_at=_now(),
+                )
+                .on_conflict_do_nothing()
+            )
+            connection.execute(
+                update(email_sends)
+                .where(email_sends.c.send_key == send_key, email_sends.c.state == SEND_CLAIMED)
+                .values(attempt=attempt, updated_at=_now())
+            )
+            row = connection.execute(
+                select(email_sends).where(email_sends.c.send_key == send_key)
+            ).one()
+        return _send_row(row)
+
+    def move_send(
+        self, send_key: str, attempt: str, before: str, after: str, detail: str | None = None
+    ) -> bool:
+        """Move a send from state `before` to `after` if `attempt` still owns it."""
+        values: dict[str, Any] = {"state": after, "updated_at": _now()}
+        if detail is not None:
+            values["detail"] = detail
+        with self.engine.begin() as connection:
+            moved = connection.execute(
+                update(email_sends)
+                .where(
+                    email_sends.c.send_key == send_key,
+                    email_sends.c.attempt == attempt,
+                    email_sends.c.state == before,
+                )
+                .values(**values)
+            )
+        return moved.rowcount == 1
+
+    def release_send(self, send_key: str, attempt: str) -> None:
+        """Forget a send that did not reach the server, so that a later attempt may send it."""
+        with self.engine.begin() as connection:
+            connection.execute(
+                email_sends.delete().where(
+                    email_sends.c.send_key == send_key,
+                    email_sends.c.attempt == attempt,
+                    email_sends.c.state.in_([SEND_CLAIMED, SEND_SENDING]),
+                )
+            )
+
+    def list_sends(self, state: str | None = None) -> list[SendRow]:
+        query = select(email_sends).order_by(email_sends.c.updated_at)
+        if state is not None:
+            query = query.where(email_sends.c.state == state)
+        with self.engine.connect() as connection:
+            return [_send_row(row) for row in connection.execute(query)]
 
     def record_soft_bounce(
         self, address: str, message_key: str, at: datetime, window: timedelta

@@ -12,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from temporalio.api.enums.v1 import IndexedValueType
-from temporalio.api.operatorservice.v1 import AddSearchAttributesRequest
+from temporalio.api.operatorservice.v1 import (
+    AddSearchAttributesRequest,
+    ListSearchAttributesRequest,
+)
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.runtime import (
@@ -88,10 +91,23 @@ def search_attribute_flags() -> list[str]:
 
 
 async def register_search_attributes(client: Client) -> None:
-    """Register the search attributes on a server that has no flag for them (time-skipping)."""
-    # The time-skipping server does not implement ListSearchAttributes, so add each one and
-    # accept "already exists".
-    for name in SEARCH_ATTRIBUTES:
+    """Register the search attributes the namespace lacks.
+
+    `temporal server start-dev --search-attribute` registers them only in a new database, so a
+    dev server started again on an older one gets the newer attributes here. The time-skipping
+    server does not implement ListSearchAttributes: there, add each one and accept "already
+    exists".
+    """
+    try:
+        listed = await client.operator_service.list_search_attributes(
+            ListSearchAttributesRequest(namespace=client.namespace)
+        )
+        names = [name for name in SEARCH_ATTRIBUTES if name not in listed.custom_attributes]
+    except RPCError as error:
+        if error.status != RPCStatusCode.UNIMPLEMENTED:
+            raise
+        names = list(SEARCH_ATTRIBUTES)
+    for name in names:
         try:
             await client.operator_service.add_search_attributes(
                 AddSearchAttributesRequest(
@@ -102,6 +118,43 @@ async def register_search_attributes(client: Client) -> None:
         except RPCError as error:
             if error.status != RPCStatusCode.ALREADY_EXISTS:
                 raise
+
+
+class MissingSearchAttributesError(RuntimeError):
+    """The namespace lacks search attributes that lead workflows set."""
+
+
+async def check_search_attributes(client: Client) -> None:
+    """Raise MissingSearchAttributesError unless the namespace has our Keyword search attributes.
+
+    Without them, every lead's workflow task would fail on its first step, and retry forever.
+    """
+    listed = await client.operator_service.list_search_attributes(
+        ListSearchAttributesRequest(namespace=client.namespace)
+    )
+    found = listed.custom_attributes
+    keyword = IndexedValueType.INDEXED_VALUE_TYPE_KEYWORD
+    problems = []
+    for name in SEARCH_ATTRIBUTES:
+        create = (
+            f"temporal operator search-attribute create --namespace {client.namespace} "
+            f"--name {name} --type Keyword"
+        )
+        if name not in found:
+            problems.append(f"{name} is missing: register it with `{create}`")
+        elif found[name] != keyword:
+            kind = IndexedValueType.Name(found[name]).removeprefix("INDEXED_VALUE_TYPE_").title()
+            problems.append(
+                f"{name} has the type {kind}, not Keyword: remove it with `temporal operator "
+                f"search-attribute remove --namespace {client.namespace} --name {name}`, "
+                f"then `{create}`"
+            )
+    if problems:
+        raise MissingSearchAttributesError(
+            f"the Temporal namespace {client.namespace!r} is not ready for lead workflows: "
+            + "; ".join(problems)
+            + " (with docker-compose, deploy/temporal/setup-namespace.sh registers them)"
+        )
 
 
 def workflow_runner() -> SandboxedWorkflowRunner:

@@ -347,3 +347,23 @@ async def test_mail_event_without_body_rejected(api):
     response = await api.post("/api/v1/events/mail", content=b"")
 
     assert response.status_code == 422
+
+
+async def test_sends_filtered_by_state(api):
+    store = api.service.store
+    store.claim_send("<1@acme.test>", "lead-x-1", 1, "a")
+    store.move_send("<1@acme.test>", "a", "claimed", "sending")
+    store.move_send("<1@acme.test>", "a", "sending", "uncertain", "reply lost")
+    store.claim_send("<2@acme.test>", "lead-x-1", 2, "b")
+
+    uncertain = await api.get("/api/v1/sends", params={"state": "uncertain"})
+    every = await api.get("/api/v1/sends")
+    invalid = await api.get("/api/v1/sends", params={"state": "lost"})
+
+    assert uncertain.status_code == 200
+    assert [(row["message_id"], row["detail"]) for row in uncertain.json()] == [
+        ("<1@acme.test>", "reply lost")
+    ]
+    assert uncertain.json()[0]["campaign"] is None
+    assert [row["state"] for row in every.json()] == ["uncertain", "claimed"]
+    assert invalid.status_code == 422

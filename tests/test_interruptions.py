@@ -418,6 +418,11 @@ async def test_reassign_moves_a_paused_lead_to_another_sender(time_skipping_env)
     async with Run(env, channels) as run:
         handle = await run.start(campaign(email()), lead())
         await until(handle, lambda r: r.status == "paused", "the lead pauses")
+        # Operators find the leads waiting on an account with these two search attributes.
+        assert await attributes(handle) == {
+            "SequencerAccount": "email:rep@acme.test",
+            "SequencerStage": "paused-account",
+        }
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(
                 LeadSequenceWorkflow.reassign,
@@ -435,6 +440,53 @@ async def test_reassign_moves_a_paused_lead_to_another_sender(time_skipping_env)
     assert done.status == "completed"
     assert channels.senders == ["backup@acme.test"]
     assert waiting == 0
+    assert await attributes(handle) == {"SequencerStage": "ended"}
+
+
+async def test_account_attribute_follows_next_step(time_skipping_env):
+    env = time_skipping_env
+    channels = Channels()
+    async with Run(env, channels) as run:
+        camp = campaign(
+            email("1d"),
+            {"type": "call", "wait_after": "1d"},
+            {"type": "linkedin_visit"},
+            linkedin={"account": "rep-linkedin"},
+        )
+        handle = await run.start(camp, lead())
+        await until(handle, lambda r: r.steps[0].status == "sent", "the email is sent")
+        # No account in use before a call: a person places it.
+        await until_attributes(handle, {"SequencerStage": "step-2-call"})
+        await env.sleep(DAY + HOUR)
+        await until_attributes(
+            handle,
+            {
+                "SequencerStage": "step-3-linkedin_visit",
+                "SequencerAccount": "linkedin:rep-linkedin",
+            },
+        )
+        done = await result(handle)
+    assert done.status == "completed"
+    assert await attributes(handle) == {"SequencerStage": "ended"}
+
+
+async def attributes(handle: WorkflowHandle) -> dict[str, str]:
+    """The lead's stage and account search attributes, as the Temporal UI shows them."""
+    found = (await handle.describe()).typed_search_attributes
+    return {
+        pair.key.name: pair.value
+        for pair in found
+        if pair.key.name in ("SequencerStage", "SequencerAccount")
+    }
+
+
+async def until_attributes(handle: WorkflowHandle, expected: dict[str, str]) -> None:
+    for _ in range(200):
+        found = await attributes(handle)
+        if found == expected:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"search attributes {found}, expected {expected}")
 
 
 # Daily caps

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
 from typing import Any
 
 import pytest
+from temporalio.client import WorkflowHistory
 
 from sequencer.campaign import parse_campaign
 from sequencer.models import Lead
@@ -39,10 +43,26 @@ def step(kind: str, wait: str | None = None, **fields: str) -> dict[str, Any]:
     return result
 
 
+# With SEQUENCER_SAVE_HISTORIES=DIR, each scenario saves its lead's workflow history there, as
+# DIR/scenario_<test name>.json, for the replay tests (see docs/histories.md).
+SAVE_HISTORIES = os.environ.get("SEQUENCER_SAVE_HISTORIES")
+_current = {"test": ""}
+
+
+@pytest.fixture(autouse=True)
+def _name_histories(request: pytest.FixtureRequest) -> None:
+    _current["test"] = request.node.name.removeprefix("test_")
+
+
 async def simulate(env, steps: list[dict[str, Any]], script: dict[str, Any]) -> dict[str, Any]:
+    histories: dict[str, WorkflowHistory] = {}
     report = await run_simulation(
-        campaign(*steps), [LEAD], {LEAD.key: LeadScript.model_validate(script)}, env
+        campaign(*steps), [LEAD], {LEAD.key: LeadScript.model_validate(script)}, env, histories
     )
+    if SAVE_HISTORIES:
+        name = re.sub(r"[^a-z0-9_]+", "_", _current["test"]).strip("_").removeprefix("scenario_")
+        path = Path(SAVE_HISTORIES) / f"scenario_{name}.json"
+        path.write_text(histories[LEAD.key].to_json())
     return report["leads"][0]
 
 

@@ -9,11 +9,15 @@ health check finds the inbox working again.
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from sequencer.stack import StackPorts
+from sequencer.temporal import find_binary
 from tests.test_stack_e2e import (
     StackProcess,
     cli_json,
@@ -57,6 +61,42 @@ def activity(home, lead: str) -> dict[str, Any]:
     return cli_json(home, "activity", CAMPAIGN_ID, lead)
 
 
+def workflows_matching(temporal_port: int, query: str) -> set[str]:
+    """Return the ids of the workflows a Temporal UI filter finds, through the temporal CLI."""
+    listed = subprocess.run(
+        [
+            str(find_binary("temporal")),
+            "workflow",
+            "list",
+            "--address",
+            f"127.0.0.1:{temporal_port}",
+            "--query",
+            query,
+            "--output",
+            "json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    text = listed.stdout.strip()
+    return {item["execution"]["workflowId"] for item in json.loads(text)} if text else set()
+
+
+def settled(read: Callable[[], set[str]], timeout: float = 20) -> set[str]:
+    """Call `read` until it returns an empty set or the time is up (visibility lags a little)."""
+    deadline = time.monotonic() + timeout
+    found = read()
+    while found and time.monotonic() < deadline:
+        time.sleep(0.5)
+        found = read()
+    return found
+
+
+WAITING_ON_SENDER = f'SequencerAccount = "email:{SENDER}" AND SequencerStage = "paused-account"'
+
+
 def events(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [entry for entry in report["log"] if entry["kind"] == "event"]
 
@@ -70,13 +110,14 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         (home / "campaign.yaml").write_text(campaign_yaml(stack.ports.smtp))
         (home / "leads.csv").write_text(LEADS_CSV)
         launch = cli_json(home, "launch", "campaign.yaml", "--leads", "leads.csv")
-        seen: dict[str, Any] = {"paused": set(), "statuses": {}}
+        seen: dict[str, Any] = {"paused": set(), "statuses": {}, "waiting": set()}
 
         def every_lead_ended() -> bool:
             stack.check_running()
             rows = cli_json(home, "leads", CAMPAIGN_ID)
             seen["statuses"] = {row["lead"]: row["status"] for row in rows}
             seen["paused"] |= {row["lead"] for row in rows if row["status"] == "paused"}
+            seen["waiting"] |= workflows_matching(stack.ports.temporal, WAITING_ON_SENDER)
             return set(seen["statuses"].values()) <= {"completed", "stopped"}
 
         wait_until(every_lead_ended, lambda: str(seen), "every lead has ended", timeout=150)
@@ -84,6 +125,15 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
             "home": home,
             "launch": launch,
             "seen_paused": seen["paused"],
+            "seen_waiting": seen["waiting"],
+            "lead_workflows": workflows_matching(
+                stack.ports.temporal, f'SequencerCampaign = "{CAMPAIGN_ID}"'
+            ),
+            "using_sender_after": settled(
+                lambda: workflows_matching(
+                    stack.ports.temporal, f'SequencerAccount = "email:{SENDER}"'
+                )
+            ),
             "reports": {lead: activity(home, lead) for lead in (ACCEPTS, DECLINES)},
             "accounts": cli_json(home, "account", "list"),
             "stats": cli_json(home, "stats", CAMPAIGN_ID),
@@ -129,6 +179,14 @@ def test_outage_pauses_then_resumes_by_itself(run):
         assert paused["reason"] == f"email:{SENDER} is disconnected"
         assert "535" in paused["detail"]
     assert run["seen_paused"], "`sequencer leads` never showed a paused lead"
+
+
+def test_filter_finds_leads_waiting_on_account(run):
+    # The README's filter for "all leads waiting on a given account" found both leads while
+    # they were paused, and finds none once they have ended.
+    assert len(run["lead_workflows"]) == 2
+    assert run["seen_waiting"] == run["lead_workflows"]
+    assert run["using_sender_after"] == set()
 
 
 def test_each_lead_got_one_email(run):

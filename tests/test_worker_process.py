@@ -19,8 +19,8 @@ from sequencer.linkedin_sandbox import LinkedInSandbox
 from sequencer.models import SEARCH_ATTRIBUTES
 from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink, read_mailbox
-from sequencer.temporal import find_binary
-from workflows.lead_sequence import CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY
+from sequencer.temporal import check_search_attributes, find_binary, register_search_attributes
+from workflows.lead_sequence import ACCOUNT_KEY, CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.stack
@@ -31,14 +31,47 @@ async def dev_server():
     environment = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(find_binary("temporal")),
         data_converter=pydantic_data_converter,
-        search_attributes=[CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY],
+        search_attributes=[CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY, ACCOUNT_KEY],
     )
     yield environment
     await environment.shutdown()
 
 
+async def test_worker_rejects_missing_search_attributes(tmp_path):
+    # A server set up for an older version: SequencerAccount was not registered yet.
+    older = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(find_binary("temporal")),
+        data_converter=pydantic_data_converter,
+        search_attributes=[CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY],
+    )
+    try:
+        env = {
+            **os.environ,
+            "SEQUENCER_HOME": str(tmp_path / "home"),
+            "TEMPORAL_ADDRESS": older.client.service_client.config.target_host,
+        }
+        env.pop("DATABASE_URL", None)
+        worker = subprocess.run(
+            [sys.executable, str(REPO / "worker.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert worker.returncode == 1, worker.stderr
+        assert "SequencerAccount is missing" in worker.stderr
+        assert "--name SequencerAccount --type Keyword" in worker.stderr
+        assert "Traceback" not in worker.stderr
+        # `sequencer up` registers what an older database lacks before its worker starts.
+        await register_search_attributes(older.client)
+        await check_search_attributes(older.client)
+    finally:
+        await older.shutdown()
+
+
 async def test_worker_runs_campaign_alone(dev_server, tmp_path):
-    assert {key.name for key in (CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY)} == set(SEARCH_ATTRIBUTES)
+    keys = (CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY, ACCOUNT_KEY)
+    assert {key.name for key in keys} == set(SEARCH_ATTRIBUTES)
     sink = SmtpSink(tmp_path / "mailbox", port=0)
     sink.start()
     sandbox = LinkedInSandbox(port=0)

@@ -11,7 +11,7 @@ import asyncio
 from datetime import date, datetime, time, timedelta
 
 from temporalio import workflow
-from temporalio.common import RetryPolicy, SearchAttributeKey, SearchAttributePair
+from temporalio.common import RetryPolicy, SearchAttributeKey
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from sequencer.durations import format_duration
     from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE
     from sequencer.models import (
+        SEARCH_ATTRIBUTE_ACCOUNT,
         SEARCH_ATTRIBUTE_CAMPAIGN,
         SEARCH_ATTRIBUTE_STAGE,
         SEARCH_ATTRIBUTE_STATUS,
@@ -73,6 +74,7 @@ Event = (
 CAMPAIGN_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_CAMPAIGN)
 STATUS_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STATUS)
 STAGE_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_STAGE)
+ACCOUNT_KEY = SearchAttributeKey.for_keyword(SEARCH_ATTRIBUTE_ACCOUNT)
 
 # Activity names by channel. A new channel adds one line here and one activity module.
 ACTIVITY_FOR_CHANNEL = {
@@ -92,10 +94,14 @@ CHANNEL_RETRY = RetryPolicy(
     maximum_attempts=8,
     non_retryable_error_types=[ACCOUNT_INTERRUPTED_ERROR_TYPE],
 )
+EMAIL_HEARTBEAT_TIMEOUT = timedelta(seconds=20)
+# Database writes are retried until the database is back, however long it is down, so that
+# no lead fails on an outage. A write still retrying shows in the Temporal UI as a pending
+# activity with its attempt count and last error.
 RECORD_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
-    maximum_interval=timedelta(seconds=30),
-    maximum_attempts=20,
+    maximum_interval=timedelta(minutes=1),
+    maximum_attempts=0,
 )
 # Patch id for recording an event's log entries before the next step runs.
 RECORD_EVENTS_FIRST = "record-events-first"
@@ -103,6 +109,8 @@ RECORD_EVENTS_FIRST = "record-events-first"
 # With it, a lead books a slot on its sender account before each send, pauses while the account
 # is disconnected or its cap is reached, and waits for LinkedIn invitations to be accepted.
 INTERRUPTIONS = "interruptions"
+# Histories from before this patch set no SequencerAccount search attribute.
+ACCOUNT_ATTRIBUTE = "account-search-attribute"
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
 SLOT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -150,7 +158,8 @@ class LeadSequenceWorkflow:
         # Update results, held back until the event's log entries are written, so that a
         # caller who reads the activity log next finds the change.
         self._answers: dict[int, str] = {}
-        self._search_attributes: tuple[str, str] | None = None
+        self._search_attributes: tuple[str, str, str | None] | None = None
+        self._account_attribute = False
         self._resume_at = None
         self._ignored: list[str] = []
         self._interruptions = False
@@ -164,6 +173,7 @@ class LeadSequenceWorkflow:
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
         machine = self._machine
         self._interruptions = workflow.patched(INTERRUPTIONS)
+        self._account_attribute = workflow.patched(ACCOUNT_ATTRIBUTE)
         machine.gate_invitations = self._interruptions
         if input.resume_steps is not None:
             machine.seq_offset = input.log_offset
@@ -483,6 +493,9 @@ class LeadSequenceWorkflow:
             step_input,
             result_type=StepOutcome,
             start_to_close_timeout=timedelta(minutes=2),
+            # Email sends heartbeat while they run, so an attempt on a worker that died is
+            # retried after this long instead of the whole start-to-close timeout.
+            heartbeat_timeout=EMAIL_HEARTBEAT_TIMEOUT if step.channel == Channel.EMAIL else None,
             retry_policy=CHANNEL_RETRY,
             summary=f"step {number} of {len(campaign.steps)}: {step.type}",
         )
@@ -719,18 +732,34 @@ class LeadSequenceWorkflow:
                 summary=f"record {len(entries)} activity log "
                 + ("entry" if len(entries) == 1 else "entries"),
             )
-        current = (machine.status.value, stage)
+        account = self._account_in_use() if self._account_attribute else None
+        current = (machine.status.value, stage, account)
         if current != self._search_attributes:
             self._search_attributes = current
-            workflow.upsert_search_attributes(
-                [
-                    SearchAttributePair(CAMPAIGN_KEY, self._input.campaign.id),
-                    SearchAttributePair(STATUS_KEY, machine.status.value),
-                    SearchAttributePair(STAGE_KEY, stage),
-                ]
-            )
+            updates = [
+                CAMPAIGN_KEY.value_set(self._input.campaign.id),
+                STATUS_KEY.value_set(machine.status.value),
+                STAGE_KEY.value_set(stage),
+            ]
+            if self._account_attribute:
+                updates.append(
+                    ACCOUNT_KEY.value_set(account) if account else ACCOUNT_KEY.value_unset()
+                )
+            workflow.upsert_search_attributes(updates)
         self._results.update(self._answers)
         self._answers.clear()
+
+    def _account_in_use(self) -> str | None:
+        """Return the account a paused lead waits on, else the one its next step sends from."""
+        machine = self._machine
+        if machine.has_ended:
+            return None
+        if self._account_wait is not None:
+            return self._account_wait
+        number = machine.waiting_step
+        step = machine.step(number) if number is not None else machine.next_pending()
+        account = self._account_for(step.type) if step is not None else None
+        return account.id if account is not None else None
 
     def _stage(self) -> str:
         machine = self._machine
