@@ -8,7 +8,11 @@ workflow starts when its first lead needs it.
 from __future__ import annotations
 
 import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import TypeVar
 
 from temporalio import activity
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
@@ -17,6 +21,33 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from sequencer.models import AccountProblem, AccountRef, SlotGrant, SlotRequest
 from workflows.sender_account import AccountState, SenderAccountWorkflow, account_workflow_id
+
+T = TypeVar("T")
+
+
+# The server accepts a few updates in flight per workflow at a time (10 by default) and rejects
+# the others as RESOURCE_EXHAUSTED. Hundreds of leads that start together all book slots on one
+# account, so a rejected booking is sent again after a short random pause, for this long,
+# before the activity fails and Temporal's retry policy (with its longer backoff) takes over.
+BUSY_RETRY_FOR = 20.0
+BUSY_PAUSE = (0.05, 0.5)
+# Updates one worker sends to one account's workflow at a time. Updates beyond the server's
+# limit are rejected, and a burst of concurrent ones makes the server discard the account's
+# workflow tasks again and again, so that a queue on the worker's side books faster.
+UPDATES_IN_FLIGHT = 4
+
+
+async def _while_busy(call: Callable[[], Awaitable[T]]) -> T:
+    """Run `call`, again after a short random pause while the server rejects it as busy."""
+    deadline = time.monotonic() + BUSY_RETRY_FOR
+    while True:
+        try:
+            return await call()
+        except RPCError as error:
+            if error.status != RPCStatusCode.RESOURCE_EXHAUSTED or time.monotonic() > deadline:
+                raise
+        activity.heartbeat()
+        await asyncio.sleep(random.uniform(*BUSY_PAUSE))
 
 
 class AccountSlotActivities:
@@ -27,6 +58,13 @@ class AccountSlotActivities:
         self._check_interval = check_interval
         # Ids of the account workflows this worker's leads used, for `end_accounts`.
         self.used: set[str] = set()
+        self._gates: dict[str, asyncio.Semaphore] = {}
+
+    def _gate(self, account: AccountRef) -> asyncio.Semaphore:
+        gate = self._gates.get(account.id)
+        if gate is None:
+            gate = self._gates[account.id] = asyncio.Semaphore(UPDATES_IN_FLIGHT)
+        return gate
 
     async def end_accounts(self) -> None:
         """End the account workflows this worker's leads used, and wait until they have ended.
@@ -87,17 +125,23 @@ class AccountSlotActivities:
     @activity.defn(name="reserve_slot")
     async def reserve_slot(self, request: SlotRequest) -> SlotGrant:
         """Book a sending slot on the lead's sender account."""
-        return await self._client.execute_update_with_start_workflow(
-            SenderAccountWorkflow.reserve,
-            request,
-            start_workflow_operation=self._start(request.account),
-        )
+        async with self._gate(request.account):
+            return await _while_busy(
+                lambda: self._client.execute_update_with_start_workflow(
+                    SenderAccountWorkflow.reserve,
+                    request,
+                    start_workflow_operation=self._start(request.account),
+                )
+            )
 
     @activity.defn(name="report_account_problem")
     async def report_account_problem(self, problem: AccountProblem) -> str:
         """Mark the sender account disconnected and register the lead to resume with it."""
-        return await self._client.execute_update_with_start_workflow(
-            SenderAccountWorkflow.report_problem,
-            problem,
-            start_workflow_operation=self._start(problem.account),
-        )
+        async with self._gate(problem.account):
+            return await _while_busy(
+                lambda: self._client.execute_update_with_start_workflow(
+                    SenderAccountWorkflow.report_problem,
+                    problem,
+                    start_workflow_operation=self._start(problem.account),
+                )
+            )

@@ -7,6 +7,8 @@ the step number (counted from 1) and the field, as in `step 3 (email): subject: 
 from __future__ import annotations
 
 import re
+import reprlib
+import sys
 import unicodedata
 from datetime import timedelta
 from pathlib import Path
@@ -364,6 +366,14 @@ class Campaign(_Model):
         return result
 
 
+# The repr that quotes a value in a problem. A YAML alias can repeat a list millions of times
+# in a small file, so a full repr could grow far larger than the file.
+_VALUE_REPR = reprlib.Repr()
+_VALUE_REPR.maxlevel = 2
+_VALUE_REPR.maxstring = 80
+_VALUE_REPR.maxother = 80
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 4
+
 # Examples for the settings that are mappings, shown when a file gives something else.
 _MAPPING_EXAMPLES = {
     "schedule": ', such as {timezone: Europe/Paris, days: mon-fri, start: "09:00", end: "17:00"}',
@@ -382,13 +392,14 @@ def _describe(error: dict[str, Any], data: Any) -> str:
         if isinstance(steps, list) and location[1] < len(steps):
             raw_step = steps[location[1]]
             step_type = raw_step.get("type") if isinstance(raw_step, dict) else None
-        prefix = f"step {number}" + (f" ({step_type})" if step_type else "")
+        prefix = f"step {number}" + (f" ({step_type})" if isinstance(step_type, str) else "")
         location = location[2:]
         if location and location[0] in {t.value for t in StepType}:
             location = location[1:]
         if error["type"] == "union_tag_invalid":
             allowed = ", ".join(t.value for t in StepType)
-            return f"{prefix}: type: unknown step type {step_type!r}; use one of {allowed}"
+            unknown = _VALUE_REPR.repr(step_type)
+            return f"{prefix}: type: unknown step type {unknown}; use one of {allowed}"
         if error["type"] == "union_tag_not_found":
             return f"{prefix}: type: missing; every step needs a type such as email or call"
     field = ".".join(str(part) for part in location)
@@ -403,17 +414,18 @@ def _describe(error: dict[str, Any], data: Any) -> str:
         message = "expected a list of steps, each starting with `- type: ...`"
     elif error["type"] in ("greater_than_equal", "greater_than"):
         limit = error.get("ctx", {}).get("ge", error.get("ctx", {}).get("gt"))
-        message = f"invalid value {error['input']!r}: use a whole number of at least {limit}"
+        value = _VALUE_REPR.repr(error["input"])
+        message = f"invalid value {value}: use a whole number of at least {limit}"
     elif error["type"] == "string_pattern_mismatch":
         message = (
-            f"invalid name {error['input']!r}: use letters, digits, dots, dashes, underscores "
-            "and @, starting with a letter or digit"
+            f"invalid name {_VALUE_REPR.repr(error['input'])}: use letters, digits, dots, "
+            "dashes, underscores and @, starting with a letter or digit"
         )
     elif error["type"] in ("model_type", "dict_type", "model_attributes_type"):
         example = _MAPPING_EXAMPLES.get(field, "")
-        message = f"expected a mapping of fields, not {error['input']!r}{example}"
+        message = f"expected a mapping of fields, not {_VALUE_REPR.repr(error['input'])}{example}"
     elif error["type"] in ("int_parsing", "int_type", "int_from_float"):
-        message = f"invalid value {error['input']!r}: use a whole number"
+        message = f"invalid value {_VALUE_REPR.repr(error['input'])}: use a whole number"
     elif message.startswith("Value error, "):
         message = message.removeprefix("Value error, ")
     where = ": ".join(part for part in (prefix, field) if part)
@@ -462,10 +474,37 @@ def load_campaign(path: str | Path) -> Campaign:
     return parse_campaign_text(text, str(path))
 
 
+class _CampaignLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, raising a YAMLError with the line and column for a scalar that
+    it cannot construct, where SafeLoader raises a bare ValueError."""
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep)
+        except ValueError as error:
+            limit = sys.get_int_max_str_digits()
+            if node.tag == "tag:yaml.org,2002:int" and len(str(node.value)) > limit:
+                reason = f"an integer of more than {limit} digits"
+            else:
+                reason = str(error)  # such as "year 0 is out of range" for 0000-01-01
+            raise yaml.constructor.ConstructorError(
+                problem=(
+                    f"invalid value {_VALUE_REPR.repr(node.value)}: {reason}; put quotes "
+                    "around it if it is text"
+                ),
+                problem_mark=node.start_mark,
+            ) from None
+
+
 def parse_campaign_text(text: str, source: str = "<campaign>") -> Campaign:
     """Validate a campaign from YAML text (JSON is YAML too), raising CampaignError."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_CampaignLoader)
     except yaml.YAMLError as error:
         raise CampaignError(source, [describe_yaml_error(error)]) from None
+    except RecursionError:
+        raise CampaignError(
+            source,
+            ["the YAML nests lists or mappings too deeply: a campaign needs only a few levels"],
+        ) from None
     return parse_campaign(data, source)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import reprlib
 from datetime import timedelta
 
 from pydantic import TypeAdapter, ValidationError
@@ -11,6 +12,11 @@ _COMPACT = re.compile(r"(\d+(?:\.\d+)?)\s*([wdhms])", re.IGNORECASE)
 _COMPACT_WHOLE = re.compile(r"(?:\s*\d+(?:\.\d+)?\s*[wdhms]\s*)+", re.IGNORECASE)
 _UNIT_SECONDS = {"w": 7 * 86400, "d": 86400, "h": 3600, "m": 60, "s": 1}
 _ISO = TypeAdapter(timedelta)
+# The repr that quotes a value of another type in messages. A YAML alias can repeat a list
+# millions of times in a small file, so a full repr could grow far larger than the file.
+_VALUE_REPR = reprlib.Repr()
+_VALUE_REPR.maxlevel = 2
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 4
 
 
 def parse_duration(value: str | int | float | timedelta) -> timedelta:
@@ -20,10 +26,13 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
     """
     if isinstance(value, timedelta):
         result = value
-    elif isinstance(value, bool):
-        raise ValueError(f"invalid duration {value!r}: use a form such as 2d, 36h, 90m, 45s or P2D")
+    elif isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(
+            f"invalid duration {_VALUE_REPR.repr(value)}: use a form such as 2d, 36h, 90m, 45s "
+            "or P2D"
+        )
     elif isinstance(value, int | float):
-        result = timedelta(seconds=value)
+        result = _from_seconds(value, value)
     else:
         text = value.strip()
         if _COMPACT_WHOLE.fullmatch(text):
@@ -31,7 +40,7 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
                 float(amount) * _UNIT_SECONDS[unit.lower()]
                 for amount, unit in _COMPACT.findall(text)
             )
-            result = timedelta(seconds=seconds)
+            result = _from_seconds(seconds, value)
         elif text[:1].upper() == "P":
             try:
                 result = _ISO.validate_python(text.upper())
@@ -46,6 +55,21 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
     if result < timedelta(0):
         raise ValueError(f"invalid duration {value!r}: a duration cannot be negative")
     return result
+
+
+def _from_seconds(seconds: int | float, value: object) -> timedelta:
+    """Convert a count of seconds, raising ValueError for NaN, a negative count and a count
+    that timedelta cannot hold."""
+    if seconds != seconds:
+        raise ValueError(f"invalid duration {value!r}: use a count of seconds or a form such as 2d")
+    if seconds < 0:
+        raise ValueError(f"invalid duration {value!r}: a duration cannot be negative")
+    try:
+        return timedelta(seconds=seconds)
+    except OverflowError:
+        raise ValueError(
+            f"invalid duration {value!r}: the maximum is {timedelta.max.days} days"
+        ) from None
 
 
 def format_duration(delta: timedelta) -> str:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import date
 from email import policy
+from email.errors import HeaderParseError
 from email.header import decode_header, make_header
 from email.message import Message
 from email.parser import BytesParser, HeaderParser
@@ -137,7 +138,7 @@ def _header(message: Message, name: str) -> str:
         return ""
     try:
         decoded = str(make_header(decode_header(str(value))))
-    except (LookupError, UnicodeError, ValueError):
+    except (LookupError, UnicodeError, ValueError, HeaderParseError):
         decoded = str(
             value
         )  # Keep the raw form when the charset is unknown or an encoded word is broken.
@@ -155,11 +156,25 @@ def _parts(message: Message) -> Iterator[Message]:
     yield message
     if message.get_content_maintype() == "message":
         return
-    payload = message.get_payload()
+    payload = _payload(message)
     if isinstance(payload, list):
         for part in payload:
             if isinstance(part, Message):
                 yield from _parts(part)
+
+
+def _payload(part: Message) -> list[Message] | str:
+    """Return the part's payload: its sub-parts, or its undecoded text.
+
+    For a body with non-ASCII bytes, Message.get_payload() decodes with the declared charset
+    and catches only LookupError (CPython 3.11), so a charset such as idna raises UnicodeError
+    and one with a NUL character ValueError. Such a part counts as a leaf without text here,
+    and `_part_text` still reads it.
+    """
+    try:
+        return part.get_payload()
+    except (UnicodeError, ValueError):
+        return ""
 
 
 def _first_part(message: Message, content_type: str) -> Message | None:
@@ -177,8 +192,9 @@ def _part_text(part: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         return payload.decode(charset, errors="replace")
-    except LookupError:
-        return payload.decode("utf-8", errors="replace")  # a charset Python does not know
+    except (LookupError, UnicodeError):
+        # A charset Python does not know, or a codec such as idna that cannot replace errors.
+        return payload.decode("utf-8", errors="replace")
 
 
 def _returned_headers(message: Message) -> Message | None:
@@ -188,7 +204,7 @@ def _returned_headers(message: Message) -> Message | None:
         if content_type == "text/rfc822-headers":
             return HeaderParser().parsestr(_part_text(part))
         if content_type == "message/rfc822":
-            payload = part.get_payload()
+            payload = _payload(part)
             if isinstance(payload, list) and payload and isinstance(payload[0], Message):
                 return payload[0]
     return None
@@ -414,7 +430,7 @@ def _delivery_status_recipients(message: Message, text: str) -> list[_DsnRecipie
     for part in _parts(message):
         if part.get_content_type() != "message/delivery-status":
             continue
-        payload = part.get_payload()
+        payload = _payload(part)
         if isinstance(payload, list):
             blocks = "\n\n".join(
                 block.as_string() for block in payload if isinstance(block, Message)
@@ -615,7 +631,7 @@ def _classify_feedback_report(message: Message, text: str) -> InboundMessage:
     report = _first_part(message, "message/feedback-report")
     fields: dict[str, str] = {}
     if report is not None:
-        payload = report.get_payload()
+        payload = _payload(report)
         if isinstance(payload, list):
             report_text = "\n".join(block.as_string() for block in payload)
         else:
@@ -751,7 +767,8 @@ def _message_date(message: Message) -> date | None:
         return None
     try:
         return parsedate_to_datetime(value).date()
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
+        # OverflowError: a UTC offset too large for timedelta, such as +99999999999999999999.
         return None
 
 

@@ -79,6 +79,8 @@ EMPTY_MARKERS = frozenset({"-", "--", "—"})
 # A number that a spreadsheet turned into scientific notation has lost its last digits.
 SCIENTIFIC_NOTATION = re.compile(r"[+-]?\d+(?:[.,]\d+)?[eE][+-]?\d+")
 EXAMPLE_PHONE = "+49 30 1234567"
+# The maximum length of a value, in characters: the csv module's default field_size_limit.
+MAX_VALUE_LENGTH = 131072
 # Example fallbacks offered in the missing-variable warning.
 EXAMPLE_FALLBACKS = {"first_name": "there", "company": "your team"}
 UNREACHABLE = {
@@ -324,6 +326,12 @@ def _read_records(
 
     `first_line_number` is the file's line number of the first line of `text`.
     """
+    # At a field longer than field_size_limit, the csv module raises and goes on at the next
+    # physical line, which may lie inside a quoted value, so the rest of that record would be
+    # read as new rows. No field is longer than the text, so the limit is raised to the text's
+    # length (it is process-wide and only ever raised) and MAX_VALUE_LENGTH is checked below.
+    if csv.field_size_limit() < len(text):
+        csv.field_size_limit(len(text))
     # newline="" keeps quoted line breaks inside fields, as the csv module requires.
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter, strict=True)
     while True:
@@ -334,10 +342,8 @@ def _read_records(
             return
         except csv.Error as error:
             if str(error).startswith("field larger than field limit"):
-                message = (
-                    f"a value is longer than {csv.field_size_limit()} characters, the limit of "
-                    "Python's csv module: shorten it, or close the quote that opens it"
-                )
+                # Only when other code lowered the limit after the check above.
+                message = _too_long_message(csv.field_size_limit())
             elif str(error) == "unexpected end of data":
                 last_line = reader.line_num + first_line_number - 1
                 message = (
@@ -351,7 +357,17 @@ def _read_records(
                 )
             yield line, None, message
             continue
+        if any(len(cell) > MAX_VALUE_LENGTH for cell in cells):
+            yield line, None, _too_long_message(MAX_VALUE_LENGTH)
+            continue
         yield line, cells, None
+
+
+def _too_long_message(limit: int) -> str:
+    return (
+        f"a value is longer than {limit} characters, the longest accepted: shorten it, or "
+        "close the quote that opens it"
+    )
 
 
 # --- mapping columns --------------------------------------------------------------------

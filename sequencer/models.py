@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from sequencer.campaign import Campaign, Sender, Step
+from sequencer.campaign import Campaign, LinkedInAccount, Sender, Step
 from sequencer.channels import StepStatus
 
 TASK_QUEUE = "sequencer"
@@ -77,6 +77,45 @@ def workflow_id_for(campaign_id: str, lead_key: str) -> str:
     return f"lead-{campaign_id}-{lead_ref(lead_key)}"
 
 
+# A lead's workflow continues as new once its history has this many events, so that an
+# enrollment with many events or months of waiting keeps a short history.
+CONTINUE_AS_NEW_AFTER_EVENTS = 2000
+
+
+class MachineSnapshot(BaseModel):
+    """A running enrollment's state machine, as one run hands it to the next."""
+
+    state: str
+    steps: list[StepState]
+    enrolled_at: datetime | None = None
+    next_due: datetime | None = None
+    waiting_step: int | None = None
+    waiting_for: Literal["task", "invitation"] | None = None
+    invitation: Literal["none", "pending", "accepted", "declined"] = "none"
+    invited_at: datetime | None = None
+    unsubscribed: bool = False
+    pause_reason: str | None = None
+    paused_by: Literal["operator", "account", "cap"] | None = None
+    paused_remaining: timedelta | None = None
+    log: list[LogEntry] = Field(default_factory=list)
+    seq_offset: int = 0
+    gate_invitations: bool = True
+
+
+class CarriedState(BaseModel):
+    """The state a lead's workflow hands to its next run when it continues as new."""
+
+    machine: MachineSnapshot
+    sender: Sender | None = None  # the sender now in use, after any reassignment
+    linkedin: LinkedInAccount
+    # The sending slot booked for a step: (step, account id, slot time, why it is later)
+    slot: tuple[int, str, datetime, str | None] | None = None
+    account_wait: str | None = None
+    resume_at: datetime | None = None
+    ignored: list[str] = Field(default_factory=list)
+    runs: int = 1  # runs of this enrollment before the next one
+
+
 class EnrollmentInput(BaseModel):
     campaign: Campaign
     lead: Lead
@@ -85,6 +124,9 @@ class EnrollmentInput(BaseModel):
     resume_steps: list[StepState] | None = None
     resume_enrolled_at: datetime | None = None
     log_offset: int = 0  # entries the earlier run wrote, so that new entries number after them
+    # Set when the previous run of this enrollment continued as new.
+    carried: CarriedState | None = None
+    continue_as_new_after: int = Field(default=CONTINUE_AS_NEW_AFTER_EVENTS, ge=10)
 
 
 class EnrollmentResult(BaseModel):

@@ -38,6 +38,7 @@ import hashlib
 import hmac
 import json
 import re
+import sys
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -147,9 +148,25 @@ class MailEvent:
 def decode_json(body: bytes, provider: str) -> Any:
     """Decode a webhook body, raising InvalidPayload when it is not UTF-8 JSON."""
     try:
-        return json.loads(body)
+        return load_json(body)
+    except ValueError as error:
+        raise InvalidPayload(f"{provider} webhook: the body is {error}") from None
+
+
+def load_json(document: str | bytes) -> Any:
+    """Decode JSON as json.loads does, raising ValueError with a readable reason for every
+    document that json.loads cannot decode."""
+    try:
+        return json.loads(document)
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise InvalidPayload(f"{provider} webhook: the body is not valid JSON: {error}") from None
+        raise ValueError(f"not valid JSON: {error}") from None
+    except ValueError:
+        # json.loads converts integers with int(), which rejects more digits than this limit.
+        raise ValueError(
+            f"not usable JSON: it has an integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
+    except RecursionError:
+        raise ValueError("not usable JSON: its arrays or objects nest too deeply") from None
 
 
 class _Fields:
@@ -197,7 +214,10 @@ class _Fields:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         if isinstance(value, str) and value.strip().isdigit():
-            return int(value)
+            try:
+                return int(value)
+            except ValueError:
+                pass  # digits that int() rejects, such as "²", or more than 4300 of them
         raise self._invalid(field, f"must be an integer, not {_json_type(value)} {value!r:.40}")
 
     def event_id(self, field: str) -> str:
@@ -653,8 +673,8 @@ class SesWebhook:
 def ses_events_from_envelope(envelope: SnsEnvelope) -> list[MailEvent]:
     """Parse the SES notification carried by a verified SNS Notification."""
     try:
-        notification = json.loads(envelope.message)
-    except json.JSONDecodeError as error:
+        notification = load_json(envelope.message)
+    except ValueError as error:
         raise InvalidPayload(
             f"{SES} webhook: Message is not a JSON SES notification: {error}"
         ) from None
@@ -988,15 +1008,19 @@ class MailgunWebhook:
                 "SEQUENCER_MAILGUN_SIGNING_KEY against Mailgun's HTTP webhook signing key"
             )
 
+        now = self._clock()
         try:
             timestamp = int(values["timestamp"])
+            age = float(now - timestamp)
         except ValueError:
             raise VerificationFailed(
                 f"{MAILGUN} webhook: signature.timestamp is not an integer"
             ) from None
-        now = self._clock()
+        except OverflowError:
+            raise VerificationFailed(
+                f"{MAILGUN} webhook: signature.timestamp is too large to be a Unix time"
+            ) from None
         tolerance = self.tolerance.total_seconds()
-        age = now - timestamp
         if abs(age) > tolerance:
             raise VerificationFailed(
                 f"{MAILGUN} webhook: signature.timestamp is {age:.0f} s from now, more than "

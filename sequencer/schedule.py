@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import reprlib
 from collections.abc import Iterable
 from datetime import UTC, date, datetime, time, timedelta
 from datetime import timezone as timezone_type
@@ -262,7 +263,8 @@ def parse_time(value: Any) -> time:
             hours, minutes = divmod(value, 60)
             return time(hours, minutes)
         raise ValueError(
-            f"invalid time {value!r}: use an hour from 0 to 23 or a quoted time such as '09:30'"
+            f"invalid time {_quote(value)}: use an hour from 0 to 23 or a quoted time such as "
+            "'09:30'"
         )
     if isinstance(value, str):
         match = _TIME_PATTERN.fullmatch(value.strip())
@@ -271,9 +273,20 @@ def parse_time(value: Any) -> time:
             if hour < 24 and minute < 60 and second < 60:
                 return time(hour, minute, second)
     raise ValueError(
-        f"invalid time {value!r}: use HH:MM on a 24-hour clock, from 00:00 to 23:59, "
+        f"invalid time {_quote(value)}: use HH:MM on a 24-hour clock, from 00:00 to 23:59, "
         "such as 09:00 or 17:30"
     )
+
+
+# A YAML alias can repeat a list millions of times in a small file: quote values shortened.
+_VALUE_REPR = reprlib.Repr()
+_VALUE_REPR.maxlevel = 2
+_VALUE_REPR.maxstring = _VALUE_REPR.maxother = 80
+_VALUE_REPR.maxlist = _VALUE_REPR.maxtuple = _VALUE_REPR.maxdict = _VALUE_REPR.maxset = 4
+
+
+def _quote(value: Any) -> str:
+    return _VALUE_REPR.repr(value)
 
 
 def format_time(value: time) -> str:
@@ -294,14 +307,15 @@ def parse_days(value: Any) -> tuple[int, ...]:
         items = value
     else:
         raise ValueError(
-            f"invalid days {value!r}: use a list such as [mon, tue] or a range such as mon-fri"
+            f"invalid days {_quote(value)}: use a list such as [mon, tue] or a range such as "
+            "mon-fri"
         )
 
     days: set[int] = set()
     for item in items:
         if not isinstance(item, str):
             raise ValueError(
-                f"invalid day {item!r}: use a day name such as mon or monday, because day "
+                f"invalid day {_quote(item)}: use a day name such as mon or monday, because day "
                 "numbers differ between conventions"
             )
         # Join `mon - fri` into `mon-fri`, then split on commas and spaces.

@@ -54,7 +54,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -85,6 +84,7 @@ from sequencer.provider_webhooks import (
     VerificationFailed,
     decode_json,
     is_sns_envelope,
+    load_json,
     parse_mailgun_event,
     parse_postmark_event,
     parse_sendgrid_events,
@@ -308,9 +308,9 @@ def _signature_problem(header: str | None, body: bytes, key: bytes) -> str | Non
 
 def _parse_json_object(body: bytes) -> dict[str, Any]:
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _InvalidPayload(f"the body is not valid JSON: {error}") from error
+        payload = load_json(body)
+    except ValueError as error:
+        raise _InvalidPayload(f"the body is {error}") from error
     if not isinstance(payload, dict):
         raise _InvalidPayload(f"the body must be a JSON object, not {type(payload).__name__}")
     return payload

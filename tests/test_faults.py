@@ -17,6 +17,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from datetime import timedelta
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ from sequencer.models import TASK_QUEUE
 from sequencer.service import Sequencer
 from sequencer.stack import free_port
 from sequencer.storage import Store
-from sequencer.temporal import find_binary
+from sequencer.temporal import connect, find_binary, search_attribute_flags
 from workflows.lead_sequence import ACCOUNT_KEY, CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +47,9 @@ LEADS = 20
 STEPS = 2
 # How long the database stays locked: longer than the worker's SQLite busy timeout (10 s).
 LOCK_SECONDS = 15
+# Leads asleep while the Temporal server is stopped and started again, and their wait.
+RESTART_LEADS = 200
+RESTART_WAIT = "30s"
 
 
 @pytest.fixture
@@ -95,6 +99,7 @@ class Workers:
             "SEQUENCER_HOME": str(tmp_path / "home"),
             "TEMPORAL_ADDRESS": address,
             "SEQUENCER_LOG_LEVEL": "INFO",
+            "SEQUENCER_PAYLOAD_ENCRYPTION": "off",
         }
         self.env.pop("DATABASE_URL", None)
         self.processes: list[subprocess.Popen] = []
@@ -142,7 +147,9 @@ class Workers:
                 process.wait()
 
 
-def write_campaign(tmp_path: Path, campaign_id: str, smtp_url: str) -> tuple[Path, Path]:
+def write_campaign(
+    tmp_path: Path, campaign_id: str, smtp_url: str, leads: int = LEADS, wait: str = "2s"
+) -> tuple[Path, Path]:
     campaign = tmp_path / "campaign.yaml"
     campaign.write_text(
         yaml.safe_dump(
@@ -151,23 +158,25 @@ def write_campaign(tmp_path: Path, campaign_id: str, smtp_url: str) -> tuple[Pat
                 "id": campaign_id,
                 "sender": {"email": "rep@acme.test", "smtp_url": smtp_url, "daily_limit": 1000},
                 "steps": [
-                    {"type": "email", "subject": "Hi", "body": "One", "wait_after": "2s"},
+                    {"type": "email", "subject": "Hi", "body": "One", "wait_after": wait},
                     {"type": "email", "subject": "Again", "body": "Two"},
                 ],
             }
         )
     )
-    leads = tmp_path / "leads.csv"
-    rows = [f"lead{number}@example.com,Lead{number}" for number in range(LEADS)]
-    leads.write_text("email,first_name\n" + "\n".join(rows) + "\n")
-    return campaign, leads
+    path = tmp_path / "leads.csv"
+    rows = [f"lead{number}@example.com,Lead{number}" for number in range(leads)]
+    path.write_text("email,first_name\n" + "\n".join(rows) + "\n")
+    return campaign, path
 
 
-async def wait_for_every_lead(service: Sequencer, campaign_id: str, workers: Workers) -> None:
+async def wait_for_every_lead(
+    service: Sequencer, campaign_id: str, workers: Workers, leads: int = LEADS
+) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         rows = service.enrollments(campaign_id)
-        if len(rows) == LEADS and all(row.status == "completed" for row in rows):
+        if len(rows) == leads and all(row.status == "completed" for row in rows):
             return
         await asyncio.sleep(0.5)
     statuses = Counter(row.status for row in service.enrollments(campaign_id))
@@ -295,3 +304,98 @@ async def test_locked_database_delays_but_loses_nothing(dev_server, tmp_path: Pa
         assert len(keys) == len(set(keys)), keys
         assert [entry.status for entry in log if entry.kind == "step"] == ["sent", "sent"]
     assert sorted(Counter(server.message_ids).values()) == [1] * LEADS * STEPS
+
+
+class DevServer:
+    """`temporal server start-dev` on a SQLite file, which can be stopped and started again."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.port = free_port()
+        self.database = tmp_path / "temporal.db"
+        self.log = tmp_path / "temporal.log"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [
+                    str(find_binary("temporal")),
+                    "server",
+                    "start-dev",
+                    "--headless",
+                    "--ip",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                    "--db-filename",
+                    str(self.database),
+                    "--log-level",
+                    "warn",
+                    *search_attribute_flags(),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        for _ in range(120):
+            try:
+                client = await connect(self.address)
+                await client.count_workflows()
+                return
+            except Exception:  # noqa: BLE001 - not listening yet
+                await asyncio.sleep(0.5)
+        raise AssertionError(f"the dev server did not start: {self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+async def test_server_restart_loses_no_sleeping_lead(tmp_path: Path) -> None:
+    server = CountingServer(delay=0)
+    server.controller.start()
+    temporal = DevServer(tmp_path)
+    await temporal.start()
+    workers = Workers(tmp_path, temporal.address)
+    settings = load_settings({"SEQUENCER_HOME": str(tmp_path / "home")})
+    service = Sequencer(settings, client=await connect(temporal.address))
+    workers.start()
+    try:
+        campaign, leads = write_campaign(
+            tmp_path, "server-restart", server.url, leads=RESTART_LEADS, wait=RESTART_WAIT
+        )
+        await service.launch(campaign, leads)
+        for _ in range(240):
+            if len(server.message_ids) >= RESTART_LEADS:
+                break
+            await asyncio.sleep(0.25)
+        assert len(server.message_ids) == RESTART_LEADS, "not every first email was sent"
+        # Every lead sleeps before its second email: stop the server while they do.
+        temporal.stop()
+        stopped_while_asleep = len(server.message_ids) == RESTART_LEADS
+        await asyncio.sleep(3)
+        await temporal.start()
+        await wait_for_every_lead(service, "server-restart", workers, leads=RESTART_LEADS)
+        logs = [service.store.log(row.workflow_id) for row in service.enrollments("server-restart")]
+    finally:
+        workers.stop()
+        service.close()
+        temporal.stop()
+        server.controller.stop()
+
+    assert stopped_while_asleep
+    assert len(server.message_ids) == 2 * RESTART_LEADS
+    assert set(Counter(server.message_ids).values()) == {1}
+    for log in logs:
+        sent = [entry.at for entry in log if entry.kind == "step" and entry.status == "sent"]
+        assert len(sent) == 2
+        # The timer fired after the restart, never before its time.
+        assert sent[1] - sent[0] >= timedelta(seconds=30)

@@ -46,7 +46,7 @@ from sequencer.channels import (
     StepType,
 )
 from sequencer.durations import format_duration
-from sequencer.models import LogEntry, StepState
+from sequencer.models import LogEntry, MachineSnapshot, StepState
 
 # Enrollment lifecycle: trigger, source state(s), destination state.
 TRANSITIONS = [
@@ -230,6 +230,49 @@ class LeadSequence:
         sequence.enrolled_at = enrolled_at
         sequence.machine.set_state(status.value)
         return sequence
+
+    def snapshot(self) -> MachineSnapshot:
+        """Return the state of a running enrollment, for the next run of its workflow."""
+        if self.has_ended:
+            raise ValueError("an ended enrollment has no next run")
+        if self._flushed != len(self.log):
+            raise ValueError("write the new log entries before taking a snapshot")
+        return MachineSnapshot(
+            state=self.state,
+            steps=[step.model_copy() for step in self.steps],
+            enrolled_at=self.enrolled_at,
+            next_due=self.next_due,
+            waiting_step=self.waiting_step,
+            waiting_for=self.waiting_for,
+            invitation=self.invitation,
+            invited_at=self.invited_at,
+            unsubscribed=self.unsubscribed,
+            pause_reason=self.pause_reason,
+            paused_by=self.paused_by,
+            paused_remaining=self.paused_remaining,
+            log=[entry.model_copy() for entry in self.log],
+            seq_offset=self.seq_offset,
+            gate_invitations=self.gate_invitations,
+        )
+
+    def carry_on(self, snapshot: MachineSnapshot) -> None:
+        """Take over the state a previous run of this enrollment handed over."""
+        self.steps = [step.model_copy() for step in snapshot.steps]
+        self.enrolled_at = snapshot.enrolled_at
+        self.next_due = snapshot.next_due
+        self.waiting_step = snapshot.waiting_step
+        self.waiting_for = snapshot.waiting_for
+        self.invitation = snapshot.invitation
+        self.invited_at = snapshot.invited_at
+        self.unsubscribed = snapshot.unsubscribed
+        self.pause_reason = snapshot.pause_reason
+        self.paused_by = snapshot.paused_by
+        self.paused_remaining = snapshot.paused_remaining
+        self.log = [entry.model_copy() for entry in snapshot.log]
+        self._flushed = len(self.log)
+        self.seq_offset = snapshot.seq_offset
+        self.gate_invitations = snapshot.gate_invitations
+        self.machine.set_state(snapshot.state)
 
     def begin_again(
         self, steps: list[StepState], enrolled_at: datetime | None, now: datetime

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
         AccountProblem,
         AccountReconnected,
         AccountRef,
+        CarriedState,
         EnrollmentInput,
         EnrollmentResult,
         InvitationAnswer,
@@ -111,6 +112,8 @@ RECORD_EVENTS_FIRST = "record-events-first"
 INTERRUPTIONS = "interruptions"
 # Histories from before this patch set no SequencerAccount search attribute.
 ACCOUNT_ATTRIBUTE = "account-search-attribute"
+# Histories from before this patch never continued as new.
+CONTINUE_AS_NEW = "continue-as-new"
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
 SLOT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -160,6 +163,7 @@ class LeadSequenceWorkflow:
         self._answers: dict[int, str] = {}
         self._search_attributes: tuple[str, str, str | None] | None = None
         self._account_attribute = False
+        self._may_continue = False
         self._resume_at = None
         self._ignored: list[str] = []
         self._interruptions = False
@@ -174,8 +178,11 @@ class LeadSequenceWorkflow:
         machine = self._machine
         self._interruptions = workflow.patched(INTERRUPTIONS)
         self._account_attribute = workflow.patched(ACCOUNT_ATTRIBUTE)
+        self._may_continue = workflow.patched(CONTINUE_AS_NEW)
         machine.gate_invitations = self._interruptions
-        if input.resume_steps is not None:
+        if input.carried is not None:
+            self._carry_on(input.carried)
+        elif input.resume_steps is not None:
             machine.seq_offset = input.log_offset
             first = machine.begin_again(
                 input.resume_steps, input.resume_enrolled_at, workflow.now()
@@ -191,6 +198,8 @@ class LeadSequenceWorkflow:
             # the change in the database. Histories from before this change acted first.
             if self._apply_inbox() and workflow.patched(RECORD_EVENTS_FIRST):
                 await self._record()
+            if self._continue_due():
+                await self._continue_as_new()
             action = machine.next_action(workflow.now())
             if isinstance(action, Finished):
                 break
@@ -200,7 +209,7 @@ class LeadSequenceWorkflow:
                 await self._sleep_until(action)
             elif isinstance(action, AwaitTask):
                 self._publish(f"step {action.step}: waiting for a person")
-                await workflow.wait_condition(lambda: bool(self._inbox))
+                await workflow.wait_condition(self._woken)
             elif isinstance(action, AwaitInvitation):
                 await self._await_invitation(action)
             elif isinstance(action, AwaitResume):
@@ -663,9 +672,7 @@ class LeadSequenceWorkflow:
         summary = f"wait {format_duration(delay)} before step {action.step} ({step.type})"
         self._publish(summary)
         try:
-            await workflow.wait_condition(
-                lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
-            )
+            await workflow.wait_condition(self._woken, timeout=delay, timeout_summary=summary)
         except TimeoutError:
             pass
 
@@ -674,9 +681,7 @@ class LeadSequenceWorkflow:
         summary = f"step {action.step}: wait up to {format_duration(delay)} for the invitation"
         self._publish(summary)
         try:
-            await workflow.wait_condition(
-                lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
-            )
+            await workflow.wait_condition(self._woken, timeout=delay, timeout_summary=summary)
         except TimeoutError:
             pass
 
@@ -685,7 +690,7 @@ class LeadSequenceWorkflow:
         self._publish(f"paused: {machine.pause_reason}")
         resume_at = self._resume_at if machine.paused_by in ("account", "cap") else None
         if resume_at is None or (self._interruptions and machine.paused_by == "account"):
-            await workflow.wait_condition(lambda: bool(self._inbox))
+            await workflow.wait_condition(self._woken)
             return
         delay = max(resume_at - workflow.now(), timedelta(0))
         summary = (
@@ -694,15 +699,72 @@ class LeadSequenceWorkflow:
             else f"retry the sender account in {format_duration(delay)}"
         )
         try:
-            await workflow.wait_condition(
-                lambda: bool(self._inbox), timeout=delay, timeout_summary=summary
-            )
+            await workflow.wait_condition(self._woken, timeout=delay, timeout_summary=summary)
         except TimeoutError:
             self._resume_at = None
             machine.release(
                 workflow.now(),
                 "the daily limit has room again" if machine.paused_by == "cap" else None,
             )
+
+    def _woken(self) -> bool:
+        """Tell a wait to end: an event arrived, or it is time to continue as new."""
+        return bool(self._inbox) or self._continue_due()
+
+    def _continue_due(self) -> bool:
+        """Return whether the history is long enough to continue as new, and nothing is in
+        flight: no event waiting for the main loop and no handler running."""
+        if not self._may_continue or self._inbox or not workflow.all_handlers_finished():
+            return False
+        info = workflow.info()
+        return (
+            info.is_continue_as_new_suggested()
+            or info.get_current_history_length() >= self._input.continue_as_new_after
+        )
+
+    async def _continue_as_new(self) -> None:
+        """Hand the enrollment's state to a new run of this workflow, with an empty history.
+
+        Returns without continuing when an event arrived while the log was written: the main
+        loop applies it first, and continues at the next quiet moment.
+        """
+        await self._record()
+        await asyncio.gather(*self._signals)
+        self._signals.clear()
+        if not self._continue_due():
+            return
+        previous = self._input.carried
+        carried = CarriedState(
+            machine=self._machine.snapshot(),
+            sender=self._sender,
+            linkedin=self._linkedin,
+            slot=self._slot,
+            account_wait=self._account_wait,
+            resume_at=self._resume_at,
+            ignored=list(self._ignored),
+            runs=previous.runs + 1 if previous is not None else 1,
+        )
+        workflow.logger.info(
+            "Lead %s continues as new after %d history events (run %d)",
+            workflow.info().workflow_id,
+            workflow.info().get_current_history_length(),
+            carried.runs + 1,
+        )
+        workflow.continue_as_new(
+            self._input.model_copy(
+                update={"carried": carried, "resume_steps": None, "resume_enrolled_at": None}
+            )
+        )
+
+    def _carry_on(self, carried: CarriedState) -> None:
+        """Take over the state of the run that continued as new into this one."""
+        self._machine.carry_on(carried.machine)
+        self._sender = carried.sender
+        self._linkedin = carried.linkedin
+        self._slot = carried.slot
+        self._account_wait = carried.account_wait
+        self._resume_at = carried.resume_at
+        self._ignored = list(carried.ignored)
 
     async def _record(self) -> None:
         """Write new log entries to the database and keep the search attributes current."""
