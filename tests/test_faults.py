@@ -22,6 +22,7 @@ from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 from aiosmtpd.controller import Controller
@@ -33,6 +34,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from sequencer.config import load_settings
+from sequencer.linkedin_sandbox import DEFAULT_API_KEY as SANDBOX_KEY
+from sequencer.linkedin_sandbox import LinkedInSandbox
 from sequencer.models import TASK_QUEUE
 from sequencer.service import Sequencer
 from sequencer.stack import free_port
@@ -399,3 +402,52 @@ async def test_server_restart_loses_no_sleeping_lead(tmp_path: Path) -> None:
         assert len(sent) == 2
         # The timer fired after the restart, never before its time.
         assert sent[1] - sent[0] >= timedelta(seconds=30)
+
+
+async def test_linkedin_errors_retried_once_each(dev_server, tmp_path: Path) -> None:
+    # The sandbox answers 429 with Retry-After twice for "ratelimited" profiles and 503 once
+    # for "flaky" ones; each lead's visit must still happen, once.
+    sandbox = LinkedInSandbox(port=0)
+    sandbox.start()
+    address = dev_server.client.service_client.config.target_host
+    workers = Workers(tmp_path, address)
+    workers.env["SEQUENCER_LINKEDIN_URL"] = sandbox.base_url
+    service = Sequencer(
+        load_settings({"SEQUENCER_HOME": str(tmp_path / "home")}), client=dev_server.client
+    )
+    workers.start()
+    try:
+        campaign = tmp_path / "campaign.yaml"
+        campaign.write_text(
+            yaml.safe_dump(
+                {
+                    "name": "LinkedIn errors",
+                    "id": "linkedin-errors",
+                    "steps": [{"type": "linkedin_visit"}],
+                }
+            )
+        )
+        leads = tmp_path / "leads.csv"
+        leads.write_text(
+            "first_name,linkedin_url\n"
+            "Rae,https://www.linkedin.com/in/rae-ratelimited\n"
+            "Fay,https://www.linkedin.com/in/fay-flaky\n"
+        )
+        await service.launch(campaign, leads)
+        await wait_for_every_lead(service, "linkedin-errors", workers, leads=2)
+        actions = httpx.get(
+            f"{sandbox.base_url}/v1/actions", headers={"Authorization": f"Bearer {SANDBOX_KEY}"}
+        ).json()
+    finally:
+        workers.stop()
+        service.close()
+        sandbox.stop()
+
+    visited = Counter(action["profile_url"] for action in actions)
+    assert visited == {
+        "https://www.linkedin.com/in/rae-ratelimited": 1,
+        "https://www.linkedin.com/in/fay-flaky": 1,
+    }
+    log = workers.log(0)
+    assert "429" in log
+    assert "503" in log
