@@ -1,0 +1,1 @@
+"""Benchmarks of the engine against bare Temporal; `python -m bench` runs them."""

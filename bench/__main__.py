@@ -1,0 +1,9 @@
+import asyncio
+
+from bench.run import main
+from sequencer.temporal import exit_without_teardown
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    # The SDK's runtime can abort the interpreter at exit (sdk-python issue 300).
+    exit_without_teardown(0)
