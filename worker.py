@@ -3,7 +3,9 @@
     python worker.py
 
 Connects to TEMPORAL_ADDRESS (default 127.0.0.1:7233) and writes to DATABASE_URL (default a
-SQLite file under SEQUENCER_HOME). `sequencer up` runs the same worker in its own process.
+SQLite file under SEQUENCER_HOME). Refuses to start without a payload encryption key
+(SEQUENCER_PAYLOAD_KEYS) unless SEQUENCER_PAYLOAD_ENCRYPTION=off. `sequencer up` runs the same
+worker in its own process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ from activities.email import EmailActivities
 from activities.linkedin import LinkedInActivities
 from activities.mailbox import CredentialsFor, ImapCredentials, MailboxActivities
 from activities.records import StoreActivities, StoreSendLedger
+from sequencer.codec import (
+    EncryptionCodec,
+    MissingPayloadKeyError,
+    codec_for,
+    require_payload_keys,
+)
 from sequencer.config import Settings, load_settings
 from sequencer.models import TASK_QUEUE
 from sequencer.service import Sequencer
@@ -106,8 +114,10 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     settings.home.mkdir(parents=True, exist_ok=True)
     store = Store(settings.database_url)
     async with AsyncExitStack() as stack:
-        client = await connect(settings.temporal_address, settings.temporal_namespace)
+        codec = codec_for(settings)
+        client = await connect(settings.temporal_address, settings.temporal_namespace, codec)
         await check_search_attributes(client)
+        log_payload_encryption(settings, codec)
         linkedin = LinkedInActivities(
             base_url=settings.linkedin_url, api_key=settings.linkedin_api_key
         )
@@ -124,6 +134,16 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     store.close()
 
 
+def log_payload_encryption(settings: Settings, codec: EncryptionCodec | None) -> None:
+    if not settings.payload_encryption:
+        logger.warning(
+            "Payload encryption is off (SEQUENCER_PAYLOAD_ENCRYPTION=off): lead data is stored "
+            "in Temporal in plaintext"
+        )
+    elif codec is not None and codec.encrypting_key_id is not None:
+        logger.info("Payloads are encrypted with the key %s", codec.encrypting_key_id)
+
+
 def main() -> None:
     logging.basicConfig(
         level=os.environ.get("SEQUENCER_LOG_LEVEL", "INFO"),
@@ -135,6 +155,11 @@ def main() -> None:
         settings = load_settings()
     except ValueError as error:
         logger.error("Invalid setting: %s", error)
+        exit_without_teardown(1)
+    try:
+        require_payload_keys(settings)
+    except MissingPayloadKeyError as error:
+        logger.error("Cannot start: %s", error)
         exit_without_teardown(1)
 
     async def serve() -> None:

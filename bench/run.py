@@ -5,9 +5,10 @@
 
 Each run starts a fresh dev server (SQLite file, like `sequencer up`) and one in-process worker
 with the same settings for the engine and the baseline. The engine runs a 5-step mixed
-campaign with zero waits; its channel activities answer at once (the what-if simulator's),
-while the activity log goes to a real SQLite database and sending slots are booked on the
-real sender account workflows. The baseline runs one no-op activity per step.
+campaign with zero waits, with payload encryption on as in production. Its channel activities
+return at once (the what-if simulator's), while the activity log goes to a real SQLite
+database and sending slots are booked on the real sender account workflows. The baseline runs
+one no-op activity per step, without encryption.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from temporalio.worker import Worker
 from activities.records import StoreActivities
 from bench.baseline import BaselineLead, BaselinePlan, noop
 from sequencer.campaign import Campaign, parse_campaign
+from sequencer.codec import EncryptionCodec, generate_key_entry, parse_keys
 from sequencer.models import TASK_QUEUE, EnrollmentInput, Lead, workflow_id_for
 from sequencer.service import _start_lead
 from sequencer.simulate import SimulatedChannels
@@ -103,8 +105,9 @@ def leads(count: int) -> list[Lead]:
 class DevServer:
     """A `temporal server start-dev` on a SQLite file in a folder of its own."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, codec: EncryptionCodec | None = None) -> None:
         self.folder = folder
+        self.codec = codec
         self.port = free_port()
         self.process: subprocess.Popen | None = None
 
@@ -140,7 +143,7 @@ class DevServer:
         log.close()
         for _ in range(120):
             try:
-                client = await connect(self.address)
+                client = await connect(self.address, payload_codec=self.codec)
                 await client.count_workflows()
                 return client
             except Exception:  # noqa: BLE001 - not listening yet
@@ -208,8 +211,13 @@ def classify(history: WorkflowHistory) -> Counter[str]:
     return counts
 
 
+def production_codec() -> EncryptionCodec:
+    """Return the payload encryption that production workers use, with a throwaway key."""
+    return EncryptionCodec(parse_keys(generate_key_entry("bench"), "bench"), source="bench")
+
+
 async def run_engine(folder: Path, count: int) -> Run:
-    async with DevServer(folder) as client:
+    async with DevServer(folder, production_codec()) as client:
         store = Store(f"sqlite:///{folder / 'sequencer.db'}")
         records = StoreActivities(store)
         channels = SimulatedChannels({})
@@ -311,6 +319,7 @@ def report(
         "Written by `python -m bench`; do not edit by hand. Every figure of the engine is a",
         "ratio to the baseline, measured in the same run on the same server and worker",
         "settings: a workflow with one no-op activity per step (`bench/baseline.py`).",
+        "The engine encrypts its payloads as production workers do; the baseline does not.",
         "",
         "## Machine",
         "",

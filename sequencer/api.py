@@ -8,6 +8,7 @@ calls for, and a `detail` sentence with the reason and the next step:
     409  the request is valid but changes nothing or contradicts the lead's state
     413  an upload larger than MAX_UPLOAD_BYTES
     422  an invalid campaign file, lead file or request field
+    500  a Temporal payload that the service's payload keys cannot decrypt
 
 The OpenAPI document is at /openapi.json and the interactive docs at /docs.
 """
@@ -15,6 +16,7 @@ The OpenAPI document is at /openapi.json and the interactive docs at /docs.
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
@@ -22,6 +24,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from sequencer.campaign import CampaignError, parse_campaign_text
+from sequencer.codec import PayloadCodecError
 from sequencer.http_auth import require_api_key
 from sequencer.leads import ImportReport, LeadFileError
 from sequencer.service import (
@@ -32,6 +35,8 @@ from sequencer.service import (
     ServiceNotFoundError,
 )
 from sequencer.storage import EnrollmentRow, TaskRow
+
+logger = logging.getLogger(__name__)
 
 API_PREFIX = "/api/v1"
 # Campaign files and lead files larger than this are rejected.
@@ -442,3 +447,9 @@ def add_error_handlers(app: Any) -> None:
     @app.exception_handler(LeadFileError)
     async def invalid_leads(request: Request, error: LeadFileError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=422)
+
+    @app.exception_handler(PayloadCodecError)
+    async def payload_codec_failed(request: Request, error: PayloadCodecError) -> JSONResponse:
+        # The service lacks the key of a payload that a worker wrote, a deployment error.
+        logger.error("API %s request failed: %s", request.method, error)
+        return JSONResponse({"detail": str(error)}, status_code=500)

@@ -70,7 +70,7 @@ class _StepBase(_Model):
 
     @field_serializer("wait_after")
     def _dump_wait(self, value: timedelta) -> str:
-        return format_duration(value)
+        return format_duration(value, exact=True)
 
     @property
     def channel(self) -> Channel:
@@ -199,7 +199,7 @@ class _SendingAccount(_Model):
 
     @field_serializer("min_spacing")
     def _dump_spacing(self, value: timedelta) -> str:
-        return format_duration(value)
+        return format_duration(value, exact=True)
 
 
 class Sender(_SendingAccount):
@@ -321,7 +321,7 @@ class Campaign(_Model):
 
     @field_serializer("invite_timeout")
     def _dump_invite_timeout(self, value: timedelta) -> str:
-        return format_duration(value)
+        return format_duration(value, exact=True)
 
     @model_validator(mode="before")
     @classmethod

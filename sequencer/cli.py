@@ -18,6 +18,12 @@ from rich.console import Console
 from rich.table import Table
 
 from sequencer.campaign import Campaign, CampaignError, load_campaign
+from sequencer.codec import (
+    MissingPayloadKeyError,
+    PayloadCodecError,
+    generate_key_entry,
+    require_payload_keys,
+)
 from sequencer.config import Settings, load_settings
 from sequencer.durations import format_duration
 from sequencer.leads import LeadFileError, read_leads
@@ -37,12 +43,14 @@ lead_app = typer.Typer(help="Operator controls for one lead: pause, resume, remo
 account_app = typer.Typer(help="Sender accounts: their status, limits and outages.")
 mailbox_app = typer.Typer(help="Sender mailboxes read for bounces and replies.")
 apikey_app = typer.Typer(help="API keys of the HTTP API and the dashboard.")
+payload_key_app = typer.Typer(help="Keys that encrypt lead data in Temporal payloads.")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
 app.add_typer(lead_app, name="lead")
 app.add_typer(account_app, name="account")
 app.add_typer(mailbox_app, name="mailbox")
 app.add_typer(apikey_app, name="apikey")
+app.add_typer(payload_key_app, name="payload-key")
 
 console = Console()
 errors = Console(stderr=True)
@@ -78,7 +86,7 @@ def _fail(message: str) -> None:
 def _run(coroutine):
     try:
         return asyncio.run(coroutine)
-    except (ServiceError, CampaignError, LeadFileError) as error:
+    except (ServiceError, CampaignError, LeadFileError, PayloadCodecError) as error:
         _fail(str(error))
 
 
@@ -137,6 +145,8 @@ def up(
             f"  HTTP      {stack.webhook_url}: dashboard, API (/docs) and webhooks; "
             "create a key with `sequencer apikey create NAME`\n"
             f"  IMAP      {stack.imap_url or 'none (install dovecot-imapd to read mailboxes)'}\n"
+            f"  Codec     {stack.codec_url}: for the UI to show lead data, see "
+            "docs/security.md\n"
             "Press Ctrl-C to stop.",
             highlight=False,
         )
@@ -167,6 +177,17 @@ def serve(
 
     _configure_logging()
     settings = _settings()
+    try:
+        require_payload_keys(settings)
+    except MissingPayloadKeyError as error:
+        # One line, unwrapped, as a service's log line should be.
+        errors.print(f"[red]error:[/red] cannot start: {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    if not settings.payload_encryption:
+        logging.getLogger("sequencer.serve").warning(
+            "Payload encryption is off (SEQUENCER_PAYLOAD_ENCRYPTION=off): lead data is stored "
+            "in Temporal in plaintext"
+        )
     service = Sequencer(settings)
     try:
         app = create_http_app(service, settings)
@@ -808,6 +829,30 @@ def apikey_revoke(
     if not _service().store.revoke_api_key(key_id):
         _fail(f"API key {key_id} not found, or already revoked: see `sequencer apikey list`")
     console.print(f"API key {key_id} revoked")
+
+
+@payload_key_app.command("generate")
+def payload_key_generate(
+    key_id: Annotated[
+        str | None,
+        typer.Option(
+            "--id",
+            help="Key id, stored with every payload it encrypts (default: kYYYYMMDD-xxxx).",
+        ),
+    ] = None,
+) -> None:
+    """Print a new payload key as ID:BASE64 (32 random bytes) for SEQUENCER_PAYLOAD_KEYS."""
+    try:
+        entry = generate_key_entry(key_id)
+    except ValueError as error:
+        _fail(str(error))
+    errors.print(
+        "New payload key for SEQUENCER_PAYLOAD_KEYS. To rotate, add it after the current key "
+        "everywhere, then move it first (docs/security.md). Keep a copy in a secret store, "
+        "because the payloads it encrypts cannot be read without it.",
+        highlight=False,
+    )
+    print(entry)
 
 
 MAILBOX_STATE_STYLE = {

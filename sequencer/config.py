@@ -7,7 +7,17 @@ import os
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import urlsplit
 
+from sequencer.codec import (
+    KEYS_FILE_VARIABLE,
+    KEYS_VARIABLE,
+    LOCAL_KEY_FILE,
+    SWITCH_VARIABLE,
+    PayloadKey,
+    parse_keys,
+    read_key_file,
+)
 from sequencer.durations import parse_duration
 
 DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"
@@ -33,13 +43,13 @@ class Settings:
     temporal_namespace: str
     database_url: str
     linkedin_url: str
-    linkedin_api_key: str
+    linkedin_api_key: str = field(repr=False)
     smtp_username: str | None
-    smtp_password: str | None
+    smtp_password: str | None = field(repr=False)
     # How often a disconnected sender account is checked.
     account_check_interval: timedelta = DEFAULT_ACCOUNT_CHECK_INTERVAL
     # The secret the LinkedIn provider signs its webhooks with.
-    linkedin_webhook_secret: str = SANDBOX_WEBHOOK_SECRET
+    linkedin_webhook_secret: str = field(default=SANDBOX_WEBHOOK_SECRET, repr=False)
     # Email provider webhooks, each off until its settings are set. SES is on when
     # ses_webhook_enabled is true or ses_topic_arns is not empty.
     ses_webhook_enabled: bool = False
@@ -60,6 +70,14 @@ class Settings:
     mailbox_poll_interval: timedelta = DEFAULT_MAILBOX_POLL_INTERVAL
     soft_bounce_limit: int = DEFAULT_SOFT_BOUNCE_LIMIT
     soft_bounce_window: timedelta = DEFAULT_SOFT_BOUNCE_WINDOW
+    # The keys of the payload codec (sequencer.codec): the first encrypts, all decrypt. With
+    # payload_encryption false, new payloads are written in plaintext.
+    payload_keys: tuple[PayloadKey, ...] = field(default=(), repr=False)
+    payload_encryption: bool = True
+    # Where payload_keys come from, as error messages name it.
+    payload_keys_source: str = KEYS_VARIABLE
+    # The origins (scheme://host:port) of Temporal UIs allowed to call the codec server.
+    codec_cors_origins: tuple[str, ...] = ()
 
     @property
     def stack_file(self) -> Path:
@@ -72,6 +90,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     home = Path(env.get("SEQUENCER_HOME") or default_home(env)).expanduser().resolve()
     stack = read_stack_file(home / "stack.json")
+    payload_keys, payload_keys_source = _payload_keys(env, home)
     return Settings(
         home=home,
         temporal_address=env.get("TEMPORAL_ADDRESS")
@@ -117,7 +136,64 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             env.get("SEQUENCER_SOFT_BOUNCE_WINDOW"),
             DEFAULT_SOFT_BOUNCE_WINDOW,
         ),
+        payload_keys=payload_keys,
+        payload_keys_source=payload_keys_source,
+        payload_encryption=_switch(SWITCH_VARIABLE, env.get(SWITCH_VARIABLE), default=True),
+        codec_cors_origins=_origins(
+            "SEQUENCER_CODEC_CORS_ORIGINS", env.get("SEQUENCER_CODEC_CORS_ORIGINS", "")
+        ),
     )
+
+
+def _payload_keys(
+    env: dict[str, str] | os._Environ[str], home: Path
+) -> tuple[tuple[PayloadKey, ...], str]:
+    """Return the payload keys and where they come from: SEQUENCER_PAYLOAD_KEYS, else the
+    file SEQUENCER_PAYLOAD_KEYS_FILE names, else the local stack's key file when it exists."""
+    inline = env.get(KEYS_VARIABLE, "").strip()
+    path = env.get(KEYS_FILE_VARIABLE, "").strip()
+    if inline and path:
+        raise ValueError(
+            f"{KEYS_VARIABLE} and {KEYS_FILE_VARIABLE} are both set: keep only one of them"
+        )
+    if inline:
+        keys = parse_keys(inline, KEYS_VARIABLE)
+        return keys, KEYS_VARIABLE
+    if path:
+        source = f"{KEYS_FILE_VARIABLE} ({path})"
+        return read_key_file(Path(path).expanduser(), source), source
+    local = home / LOCAL_KEY_FILE
+    if local.exists():
+        source = f"the local stack's key file {local}"
+        return read_key_file(local, source), source
+    return (), KEYS_VARIABLE
+
+
+def _origins(name: str, value: str) -> tuple[str, ...]:
+    """Parse comma-separated origins such as https://temporal.example.com:8443."""
+    origins = []
+    for origin in (item.strip().rstrip("/") for item in value.split(",")):
+        if not origin:
+            continue
+        if not _is_origin(origin):
+            raise ValueError(
+                f"{name}: {origin!r} is not an origin; write scheme://host[:port] with no path, "
+                "such as https://temporal.example.com"
+            )
+        origins.append(origin)
+    return tuple(origins)
+
+
+def _is_origin(text: str) -> bool:
+    parts = urlsplit(text)
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    if port == 0:
+        return False
+    extras = parts.path or parts.query or parts.fragment or parts.username or parts.password
+    return parts.scheme in ("http", "https") and bool(parts.hostname) and not extras
 
 
 def _imap_url(value: str | None) -> str | None:
@@ -159,14 +235,18 @@ def _interval(name: str, value: str | None, default: timedelta) -> timedelta:
 
 
 def _flag(name: str, value: str | None) -> bool:
+    return _switch(name, value, default=False)
+
+
+def _switch(name: str, value: str | None, *, default: bool) -> bool:
     if value is None or not value.strip():
-        return False
+        return default
     text = value.strip().lower()
     if text in ("1", "true", "yes", "on"):
         return True
     if text in ("0", "false", "no", "off"):
         return False
-    raise ValueError(f"{name}: {value!r} is not a boolean; use true or false")
+    raise ValueError(f"{name}: {value!r} is not a boolean; use on or off (or true or false)")
 
 
 def default_home(env: dict[str, str] | os._Environ[str]) -> Path:

@@ -72,14 +72,22 @@ def _from_seconds(seconds: int | float, value: object) -> timedelta:
         ) from None
 
 
-def format_duration(delta: timedelta) -> str:
-    """Format a duration in the compact form (`2d`, `1d12h`, `45s`), `0s` for zero."""
-    seconds = int(delta.total_seconds())
-    if seconds == 0:
+def format_duration(delta: timedelta, exact: bool = False) -> str:
+    """Format a duration in the compact form (`2d`, `1d12h`, `45s`), `0s` for zero.
+
+    Fractions of a second are dropped, unless `exact` (`1.5s`): campaign files are saved and
+    sent to workflows exactly, so that parsing the text gives the same duration back.
+    """
+    seconds, micros = divmod(delta // timedelta(microseconds=1), 1_000_000)
+    if not exact:
+        micros = 0
+    if seconds == 0 and micros == 0:
         return "0s"
     parts = []
     for unit in ("d", "h", "m", "s"):
         amount, seconds = divmod(seconds, _UNIT_SECONDS[unit])
-        if amount:
+        if unit == "s" and micros:
+            parts.append(f"{amount}.{micros:06d}".rstrip("0") + "s")
+        elif amount:
             parts.append(f"{amount}{unit}")
     return "".join(parts)

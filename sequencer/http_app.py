@@ -6,6 +6,8 @@ production. Routes:
     /api/v1/...    the HTTP API (API key), see sequencer.api
     /docs          interactive API docs; /openapi.json the OpenAPI document
     /webhooks/...  LinkedIn and email providers' webhooks (each verified by its signature)
+    /codec/...     the codec server of the Temporal UI and CLI (API key or dashboard cookie),
+                   see sequencer.codec_server
     /healthz       liveness, no key
     /              the dashboard (API key in a cookie after /login)
 """
@@ -17,6 +19,7 @@ import importlib.metadata
 from fastapi import FastAPI
 
 from sequencer.api import add_error_handlers, api_router
+from sequencer.codec_server import CODEC_PATH, create_codec_app
 from sequencer.config import Settings
 from sequencer.dashboard import dashboard_router
 from sequencer.http_auth import STORE_STATE
@@ -49,6 +52,8 @@ def create_http_app(service: Sequencer, settings: Settings) -> FastAPI:
     setattr(app.state, STORE_STATE, service.store)
     app.include_router(api_router(service))
     add_error_handlers(app)
+    # A separate app, so that its CORS middleware covers its own routes only.
+    app.mount(CODEC_PATH, create_codec_app(settings, service.store))
     # The dashboard serves its own pages and static files, outside /api and /webhooks.
     app.include_router(dashboard_router(service))
     return app

@@ -49,6 +49,7 @@ from sequencer.campaign import (
     parse_campaign_text,
 )
 from sequencer.channels import Channel, EnrollmentStatus, StepStatus
+from sequencer.codec import codec_for
 from sequencer.config import Settings, read_stack_file
 from sequencer.durations import format_duration
 from sequencer.inbound import FailedRecipient, InboundKind, InboundMessage, classify_message
@@ -152,7 +153,9 @@ class Sequencer:
         if self._client is None:
             try:
                 self._client = await connect(
-                    self.settings.temporal_address, self.settings.temporal_namespace
+                    self.settings.temporal_address,
+                    self.settings.temporal_namespace,
+                    codec_for(self.settings),
                 )
             except RuntimeError as error:
                 raise ServiceError(

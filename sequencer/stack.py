@@ -31,6 +31,7 @@ from pathlib import Path
 
 import uvicorn
 
+from sequencer.codec import codec_for, create_local_key_file, read_key_file
 from sequencer.config import (
     DEFAULT_LINKEDIN_PORT,
     DEFAULT_SMTP_PORT,
@@ -180,6 +181,11 @@ class LocalStack:
         return f"http://127.0.0.1:{self.ports.ui}"
 
     @property
+    def codec_url(self) -> str:
+        """The codec server's endpoint, as the Temporal UI and CLI take it."""
+        return f"{self.webhook_url}/codec"
+
+    @property
     def smtp_url(self) -> str:
         return f"smtp://127.0.0.1:{self.ports.smtp}"
 
@@ -217,6 +223,7 @@ class LocalStack:
                     f"port {port} for the {name} server is already in use on 127.0.0.1; "
                     "stop what uses it or run the stack with other ports"
                 )
+        self._use_local_payload_keys()
         try:
             await self._start_server()
             self._start_imap()
@@ -262,6 +269,27 @@ class LocalStack:
         )
         logger.info("Local stack started in %s", self.home)
 
+    def _use_local_payload_keys(self) -> None:
+        """Encrypt with the key file in the data directory, made on the first start, unless
+        the environment configures keys or switches encryption off. Let the stack's UI call
+        the codec server."""
+        self.settings = replace(
+            self.settings,
+            codec_cors_origins=tuple(
+                dict.fromkeys([*self.settings.codec_cors_origins, self.ui_url])
+            ),
+        )
+        if self.settings.payload_keys or not self.settings.payload_encryption:
+            return
+        path = create_local_key_file(self.home)
+        source = f"the local stack's key file {path}"
+        self.settings = replace(
+            self.settings,
+            payload_keys=read_key_file(path, source),
+            payload_keys_source=source,
+        )
+        logger.info("Payloads are encrypted with the keys in %s", path)
+
     async def _start_server(self) -> None:
         log = (self.home / "temporal.log").open("ab")
         command = [
@@ -278,6 +306,8 @@ class LocalStack:
             "127.0.0.1",
             "--ui-port",
             str(self.ports.ui),
+            "--ui-codec-endpoint",
+            self.codec_url,
             "--log-level",
             "warn",
             "--sqlite-pragma",
@@ -303,7 +333,9 @@ class LocalStack:
                     f"see {self.home / 'temporal.log'}"
                 )
             try:
-                client = await connect(self.settings.temporal_address)
+                client = await connect(
+                    self.settings.temporal_address, payload_codec=codec_for(self.settings)
+                )
                 await client.count_workflows()
                 break
             except Exception:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -18,6 +19,11 @@ from temporalio.api.operatorservice.v1 import (
 )
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import (
+    DataConverter,
+    DefaultFailureConverterWithEncodedAttributes,
+    PayloadCodec,
+)
 from temporalio.runtime import (
     LogForwardingConfig,
     LoggingConfig,
@@ -60,9 +66,33 @@ def _install_runtime() -> None:
 _install_runtime()
 
 
-async def connect(address: str, namespace: str = "default") -> Client:
+def data_converter(payload_codec: PayloadCodec | None) -> DataConverter:
+    """Return the pydantic data converter, with `payload_codec` when one is given.
+
+    With a codec, failure messages and stack traces also move into an encoded payload
+    (Temporal's "encoded failure attributes"), because a failure can quote lead data, such as
+    an SMTP reply that names the rejected address.
+    """
+    if payload_codec is None:
+        return pydantic_data_converter
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=payload_codec,
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+async def connect(
+    address: str, namespace: str = "default", payload_codec: PayloadCodec | None = None
+) -> Client:
+    """Connect to Temporal with the pydantic data converter and `payload_codec`.
+
+    Every client and worker of the product connects here, with the codec that
+    `sequencer.codec.codec_for(settings)` returns, so they all read and write the same
+    encrypted payloads.
+    """
     return await Client.connect(
-        address, namespace=namespace, data_converter=pydantic_data_converter
+        address, namespace=namespace, data_converter=data_converter(payload_codec)
     )
 
 

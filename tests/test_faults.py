@@ -33,6 +33,7 @@ from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from sequencer.codec import generate_key_entry
 from sequencer.config import load_settings
 from sequencer.linkedin_sandbox import DEFAULT_API_KEY as SANDBOX_KEY
 from sequencer.linkedin_sandbox import LinkedInSandbox
@@ -102,7 +103,8 @@ class Workers:
             "SEQUENCER_HOME": str(tmp_path / "home"),
             "TEMPORAL_ADDRESS": address,
             "SEQUENCER_LOG_LEVEL": "INFO",
-            "SEQUENCER_PAYLOAD_ENCRYPTION": "off",
+            # The workers encrypt what they write to Temporal, as in production.
+            "SEQUENCER_PAYLOAD_KEYS": generate_key_entry("faults"),
         }
         self.env.pop("DATABASE_URL", None)
         self.processes: list[subprocess.Popen] = []

@@ -372,10 +372,6 @@ def test_campaign_valid_loads(data):
     assert parse_campaign(json.loads(pydantic_core.to_json(campaign))) == campaign
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="format_duration drops fractions of a second, so the workflow gets a 1 s wait",
-)
 def test_campaign_fractional_wait_kept():
     campaign = parse_campaign({"name": "Demo", "steps": [{"type": "call", "wait_after": 1.5}]})
 

@@ -14,6 +14,7 @@ import yaml
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from sequencer.codec import generate_key_entry
 from sequencer.config import load_settings
 from sequencer.linkedin_sandbox import LinkedInSandbox
 from sequencer.models import SEARCH_ATTRIBUTES
@@ -49,8 +50,10 @@ async def test_worker_rejects_missing_search_attributes(tmp_path):
             **os.environ,
             "SEQUENCER_HOME": str(tmp_path / "home"),
             "TEMPORAL_ADDRESS": older.client.service_client.config.target_host,
+            "SEQUENCER_PAYLOAD_KEYS": generate_key_entry(),
         }
         env.pop("DATABASE_URL", None)
+        env.pop("SEQUENCER_PAYLOAD_KEYS_FILE", None)
         worker = subprocess.run(
             [sys.executable, str(REPO / "worker.py")],
             env=env,
@@ -77,18 +80,31 @@ async def test_worker_runs_campaign_alone(dev_server, tmp_path):
     sandbox = LinkedInSandbox(port=0)
     sandbox.start()
     home = tmp_path / "home"
+    address = dev_server.client.service_client.config.target_host
+    payload_key = generate_key_entry()
     env = {
         **os.environ,
         "SEQUENCER_HOME": str(home),
-        "TEMPORAL_ADDRESS": dev_server.client.service_client.config.target_host,
+        "TEMPORAL_ADDRESS": address,
         "SEQUENCER_LINKEDIN_URL": sandbox.base_url,
+        "SEQUENCER_PAYLOAD_KEYS": payload_key,
     }
     env.pop("DATABASE_URL", None)
+    env.pop("SEQUENCER_PAYLOAD_KEYS_FILE", None)
     log = (tmp_path / "worker.log").open("w")
     worker = subprocess.Popen(
         [sys.executable, str(REPO / "worker.py")], env=env, stdout=log, stderr=subprocess.STDOUT
     )
-    service = Sequencer(load_settings({"SEQUENCER_HOME": str(home)}), client=dev_server.client)
+    # The service connects with the worker's payload key, as `sequencer serve` would.
+    service = Sequencer(
+        load_settings(
+            {
+                "SEQUENCER_HOME": str(home),
+                "TEMPORAL_ADDRESS": address,
+                "SEQUENCER_PAYLOAD_KEYS": payload_key,
+            }
+        )
+    )
     try:
         campaign = tmp_path / "campaign.yaml"
         campaign.write_text(

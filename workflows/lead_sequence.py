@@ -114,6 +114,9 @@ INTERRUPTIONS = "interruptions"
 ACCOUNT_ATTRIBUTE = "account-search-attribute"
 # Histories from before this patch never continued as new.
 CONTINUE_AS_NEW = "continue-as-new"
+# New runs call this one patch, which stands for all four above: each patch call costs a marker
+# and a search attribute update in the history. Histories from before it call the four.
+CURRENT = "sequencer-1"
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
 SLOT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -164,6 +167,7 @@ class LeadSequenceWorkflow:
         self._search_attributes: tuple[str, str, str | None] | None = None
         self._account_attribute = False
         self._may_continue = False
+        self._records_first: bool | None = None
         self._resume_at = None
         self._ignored: list[str] = []
         self._interruptions = False
@@ -176,9 +180,13 @@ class LeadSequenceWorkflow:
     @workflow.run
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
         machine = self._machine
-        self._interruptions = workflow.patched(INTERRUPTIONS)
-        self._account_attribute = workflow.patched(ACCOUNT_ATTRIBUTE)
-        self._may_continue = workflow.patched(CONTINUE_AS_NEW)
+        if workflow.patched(CURRENT):
+            self._interruptions = self._account_attribute = self._may_continue = True
+            self._records_first = True
+        else:
+            self._interruptions = workflow.patched(INTERRUPTIONS)
+            self._account_attribute = workflow.patched(ACCOUNT_ATTRIBUTE)
+            self._may_continue = workflow.patched(CONTINUE_AS_NEW)
         machine.gate_invitations = self._interruptions
         if input.carried is not None:
             self._carry_on(input.carried)
@@ -196,7 +204,7 @@ class LeadSequenceWorkflow:
         while not machine.has_ended:
             # Record what an event changed before acting on it, so that an update's caller sees
             # the change in the database. Histories from before this change acted first.
-            if self._apply_inbox() and workflow.patched(RECORD_EVENTS_FIRST):
+            if self._apply_inbox() and self._record_events_first():
                 await self._record()
             if self._continue_due():
                 await self._continue_as_new()
@@ -706,6 +714,13 @@ class LeadSequenceWorkflow:
                 workflow.now(),
                 "the daily limit has room again" if machine.paused_by == "cap" else None,
             )
+
+    def _record_events_first(self) -> bool:
+        """Return whether an event's log entries are written before the next step runs."""
+        if self._records_first is None:
+            # Asked only once an event arrives, as histories from before CURRENT expect.
+            self._records_first = workflow.patched(RECORD_EVENTS_FIRST)
+        return self._records_first
 
     def _woken(self) -> bool:
         """Tell a wait to end: an event arrived, or it is time to continue as new."""
