@@ -391,8 +391,10 @@ class EmailActivities:
                 await self._release_quietly(input, key, attempt)
             raise
         if outcome.status == StepStatus.SENT:
-            state = SEND_UNCERTAIN if outcome.reason == DELIVERY_UNCERTAIN_REASON else SEND_SENT
-            await self._mark_quietly(input, key, attempt, state, outcome.detail)
+            if outcome.reason == DELIVERY_UNCERTAIN_REASON:
+                await self._mark_quietly(input, key, attempt, SEND_UNCERTAIN, outcome.detail)
+            else:
+                await self._mark_quietly(input, key, attempt, SEND_SENT, None)
         else:
             await self._release_quietly(input, key, attempt)
         return outcome

@@ -20,6 +20,8 @@ import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
@@ -447,6 +449,20 @@ def add_error_handlers(app: Any) -> None:
     @app.exception_handler(LeadFileError)
     async def invalid_leads(request: Request, error: LeadFileError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=422)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, error: RequestValidationError) -> JSONResponse:
+        problems = [
+            f"{'.'.join(str(part) for part in problem['loc'])}: {problem['msg']}"
+            for problem in error.errors()
+        ]
+        return JSONResponse(
+            {
+                "detail": "invalid request: " + "; ".join(problems),
+                "problems": jsonable_encoder(error.errors()),
+            },
+            status_code=422,
+        )
 
     @app.exception_handler(PayloadCodecError)
     async def payload_codec_failed(request: Request, error: PayloadCodecError) -> JSONResponse:

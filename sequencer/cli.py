@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from temporalio.service import RPCError
 
 from sequencer.campaign import Campaign, CampaignError, load_campaign
 from sequencer.codec import (
@@ -88,6 +89,14 @@ def _run(coroutine):
         return asyncio.run(coroutine)
     except (ServiceError, CampaignError, LeadFileError, PayloadCodecError) as error:
         _fail(str(error))
+    except RPCError as error:
+        # Such as an update to a lead whose workflow task fails on the worker: the cause is
+        # in the worker's log, not in this process.
+        _fail(
+            f"the Temporal server refused the request ({error.status.name}): {error.message}. "
+            "Check the worker's log (for `sequencer up`, up.log in the data directory) for "
+            "the cause, such as a payload key the worker does not have"
+        )
 
 
 def _settings() -> Settings:
@@ -722,7 +731,11 @@ def sends(
     ] = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Show the email sends of every step, from the send ledger that keeps them to one each."""
+    """Show the email sends in the send ledger, which keeps each email step to one send.
+
+    The ledger holds sends that reached the SMTP server or may have; a message the server
+    rejected is not in it.
+    """
     rows = _service().sends("uncertain" if uncertain else None)
     if as_json:
         print(json.dumps(rows, indent=2))
@@ -731,15 +744,15 @@ def sends(
         console.print("No uncertain sends." if uncertain else "No email sends yet.")
         return
     table = Table(title="Uncertain email sends" if uncertain else "Email sends")
-    for column in ("campaign", "lead", "step", "state", "Message-ID", "detail"):
+    for column in ("at (UTC)", "campaign", "lead", "step", "state", "detail"):
         table.add_column(column)
     for row in rows:
         table.add_row(
+            row["updated_at"][:19].replace("T", " "),
             row["campaign"] or "",
             row["lead"] or row["workflow_id"],
             str(row["step"]),
             row["state"],
-            row["message_id"],
             row["detail"] or "",
         )
     console.print(table)

@@ -280,7 +280,7 @@ class Sequencer:
 
     async def _start(self, client: Client, campaign: Campaign, lead: Lead) -> bool:
         workflow_id = workflow_id_for(campaign.id, lead.key)
-        self.store.add_enrollment(workflow_id, campaign.id, lead)
+        added = self.store.add_enrollment(workflow_id, campaign.id, lead)
         try:
             await _start_lead(
                 client,
@@ -291,6 +291,12 @@ class Sequencer:
             )
         except WorkflowAlreadyStartedError:
             return False
+        except BaseException:
+            # A lead whose workflow did not start must not be listed as running: the next
+            # launch enrolls it.
+            if added:
+                self.store.forget_enrollment(workflow_id)
+            raise
         return True
 
     # Mailboxes
@@ -733,7 +739,9 @@ class Sequencer:
             enrollment.workflow_id, f"subscription:{entry.at.isoformat()}", entry
         )
         self.store.set_unsubscribed(enrollment.workflow_id, change.unsubscribed)
-        return f"{label}: recorded (the enrollment had ended as {enrollment.status})"
+        if EnrollmentStatus(enrollment.status).is_final:
+            return f"{label}: recorded (the enrollment had ended as {enrollment.status})"
+        return f"{label}: recorded in the activity log (the workflow already had the change)"
 
     async def _resume_stopped(self, enrollment: EnrollmentRow) -> str:
         label = f"{enrollment.campaign_id}: {enrollment.lead_key}"

@@ -408,6 +408,19 @@ class Store:
         with self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
+    def forget_enrollment(self, workflow_id: str) -> None:
+        """Delete an enrollment row whose workflow never started, and nothing it wrote."""
+        with self.engine.begin() as connection:
+            written = connection.execute(
+                select(func.count())
+                .select_from(activity)
+                .where(activity.c.workflow_id == workflow_id)
+            ).scalar_one()
+            if written == 0:
+                connection.execute(
+                    enrollments.delete().where(enrollments.c.workflow_id == workflow_id)
+                )
+
     def get_enrollment(self, campaign_id: str, lead_reference: str) -> EnrollmentRow:
         """Find a lead of a campaign by email address or LinkedIn URL."""
         keys = {lead_reference.strip()}

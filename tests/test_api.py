@@ -250,6 +250,7 @@ async def test_leads_filtered_by_status_and_text(api):
     assert len(running) == 2
     assert [row["lead"] for row in found] == ["ben@example.com"]
     assert invalid.status_code == 422
+    assert invalid.json()["detail"].startswith("invalid request: query.status:")
 
 
 async def test_save_then_add_leads(api):
@@ -367,3 +368,4 @@ async def test_sends_filtered_by_state(api):
     assert uncertain.json()[0]["campaign"] is None
     assert [row["state"] for row in every.json()] == ["uncertain", "claimed"]
     assert invalid.status_code == 422
+    assert invalid.json()["detail"].startswith("invalid request: query.state:")

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import pytest
 import yaml
+from temporalio.client import Client
 
 from activities.email import message_id_for
 from activities.records import StoreActivities
 from sequencer import sink_reports
+from sequencer.codec import EncryptionCodec, PayloadCodecError
 from sequencer.config import load_settings
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
-from sequencer.temporal import lead_worker
+from sequencer.temporal import data_converter, lead_worker
 from tests.conftest import CORPUS
 
 FINAL = {"completed", "stopped", "replied", "removed"}
@@ -434,3 +436,24 @@ async def test_soft_bounce_limit_configurable(sequencer, tmp_path, time_skipping
 
     assert "ann@example.com unsubscribed" in "\n".join(lines)
     assert sequencer.store.is_suppressed("ann@example.com") is True
+
+
+async def test_failed_start_enrolls_nobody(time_skipping_env, tmp_path):
+    # A client that must encrypt but has no key cannot start a workflow.
+    settings = load_settings({"SEQUENCER_HOME": str(tmp_path / "home")})
+    client = Client(
+        **{
+            **time_skipping_env.client.config(),
+            "data_converter": data_converter(EncryptionCodec((), source="no key")),
+        }
+    )
+    service = Sequencer(settings, client=client)
+    campaign, leads = write(tmp_path, "no-key", [EMAIL])
+    try:
+        with pytest.raises(PayloadCodecError):
+            await service.launch(campaign, leads)
+        rows = service.store.list_enrollments("no-key")
+    finally:
+        service.close()
+
+    assert rows == []
