@@ -733,7 +733,7 @@ def sends(
 ) -> None:
     """Show the email sends in the send ledger, which keeps each email step to one send.
 
-    The ledger holds sends that reached the SMTP server or may have; a message the server
+    The ledger lists sends that reached the SMTP server or may have. A message the server
     rejected is not in it.
     """
     rows = _service().sends("uncertain" if uncertain else None)

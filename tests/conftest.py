@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import pytest_asyncio
+from temporalio.common import SearchAttributeKey
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
+from sequencer.models import SEARCH_ATTRIBUTES
 from sequencer.temporal import find_binary, register_search_attributes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +38,18 @@ async def time_skipping_env() -> AsyncIterator[WorkflowEnvironment]:
         data_converter=pydantic_data_converter,
     )
     await register_search_attributes(environment.client)
+    yield environment
+    await environment.shutdown()
+
+
+@pytest_asyncio.fixture
+async def dev_server() -> AsyncIterator[WorkflowEnvironment]:
+    """Start a Temporal dev server (in memory) with our search attributes, for one test."""
+    environment = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(find_binary("temporal")),
+        data_converter=pydantic_data_converter,
+        search_attributes=[SearchAttributeKey.for_keyword(name) for name in SEARCH_ATTRIBUTES],
+    )
     yield environment
     await environment.shutdown()
 

@@ -30,8 +30,6 @@ from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.testing import WorkflowEnvironment
 
 from sequencer.codec import generate_key_entry
 from sequencer.config import load_settings
@@ -42,7 +40,6 @@ from sequencer.service import Sequencer
 from sequencer.stack import free_port
 from sequencer.storage import Store
 from sequencer.temporal import connect, find_binary, search_attribute_flags
-from workflows.lead_sequence import ACCOUNT_KEY, CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.stack
@@ -54,17 +51,6 @@ LOCK_SECONDS = 15
 # Leads asleep while the Temporal server is stopped and started again, and their wait.
 RESTART_LEADS = 200
 RESTART_WAIT = "30s"
-
-
-@pytest.fixture
-async def dev_server():
-    environment = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(find_binary("temporal")),
-        data_converter=pydantic_data_converter,
-        search_attributes=[CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY, ACCOUNT_KEY],
-    )
-    yield environment
-    await environment.shutdown()
 
 
 class CountingServer:

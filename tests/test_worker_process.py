@@ -27,17 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.stack
 
 
-@pytest.fixture
-async def dev_server():
-    environment = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(find_binary("temporal")),
-        data_converter=pydantic_data_converter,
-        search_attributes=[CAMPAIGN_KEY, STATUS_KEY, STAGE_KEY, ACCOUNT_KEY],
-    )
-    yield environment
-    await environment.shutdown()
-
-
 async def test_worker_rejects_missing_search_attributes(tmp_path):
     # A server set up for an older version: SequencerAccount was not registered yet.
     older = await WorkflowEnvironment.start_local(
