@@ -10,7 +10,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TypeVar
 
@@ -35,6 +36,8 @@ BUSY_PAUSE = (0.05, 0.5)
 # limit are rejected, and a burst of concurrent ones makes the server discard the account's
 # workflow tasks again and again, so that a queue on the worker's side books faster.
 UPDATES_IN_FLIGHT = 4
+# How often a booking that waits for its turn heartbeats.
+HEARTBEAT_INTERVAL = 5.0
 
 
 async def _while_busy(call: Callable[[], Awaitable[T]]) -> T:
@@ -60,11 +63,22 @@ class AccountSlotActivities:
         self.used: set[str] = set()
         self._gates: dict[str, asyncio.Semaphore] = {}
 
-    def _gate(self, account: AccountRef) -> asyncio.Semaphore:
+    @asynccontextmanager
+    async def _gate(self, account: AccountRef) -> AsyncIterator[None]:
+        """Wait for a place among the updates in flight to `account`, heartbeating meanwhile."""
         gate = self._gates.get(account.id)
         if gate is None:
             gate = self._gates[account.id] = asyncio.Semaphore(UPDATES_IN_FLIGHT)
-        return gate
+        while True:
+            try:
+                await asyncio.wait_for(gate.acquire(), HEARTBEAT_INTERVAL)
+                break
+            except TimeoutError:
+                activity.heartbeat()
+        try:
+            yield
+        finally:
+            gate.release()
 
     async def end_accounts(self) -> None:
         """End the account workflows this worker's leads used, and wait until they have ended.

@@ -627,7 +627,11 @@ class LeadSequenceWorkflow:
                 spacing=spacing or timedelta(0),
             ),
             result_type=SlotGrant,
-            start_to_close_timeout=timedelta(seconds=30),
+            # A booking may queue on the worker behind others for the same account: it
+            # heartbeats while it waits, so a dead worker is still noticed within the
+            # heartbeat timeout.
+            start_to_close_timeout=timedelta(minutes=10),
+            heartbeat_timeout=timedelta(seconds=30),
             retry_policy=SLOT_RETRY,
             summary=f"book a slot for one {kind.replace('_', ' ')} on {account.id}",
         )
