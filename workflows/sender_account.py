@@ -16,6 +16,7 @@ signal once an operator reconnects the account or the periodic health check find
 from __future__ import annotations
 
 import asyncio
+import bisect
 from datetime import datetime, timedelta
 
 from pydantic import BaseModel, Field
@@ -124,8 +125,14 @@ class SlotBook:
         tiny = timedelta(microseconds=1)
         starts = {at - WINDOW + tiny} | {t for t in times if t <= at}
         starts |= {t - WINDOW + tiny for t in times if t - WINDOW + tiny <= at}
+        # Counted by bisection in the sorted times: a burst of bookings over thousands of
+        # slots made counting each window by a scan too slow for one workflow activation.
         return max(
-            (sum(1 for t in times if w <= t < w + WINDOW) for w in starts if at - WINDOW < w),
+            (
+                bisect.bisect_left(times, w + WINDOW) - bisect.bisect_left(times, w)
+                for w in starts
+                if at - WINDOW < w
+            ),
             default=0,
         )
 
