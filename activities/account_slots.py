@@ -28,8 +28,8 @@ T = TypeVar("T")
 
 # The server accepts a few updates in flight per workflow at a time (10 by default) and rejects
 # the others as RESOURCE_EXHAUSTED. Hundreds of leads that start together all book slots on one
-# account, so a rejected booking is sent again after a short random pause, for this long,
-# before the activity fails and Temporal's retry policy (with its longer backoff) takes over.
+# account. So a rejected booking is sent again after a short random pause, for this long. Then
+# the activity fails and Temporal's retry policy, with its longer backoff, takes over.
 BUSY_RETRY_FOR = 20.0
 BUSY_PAUSE = (0.05, 0.5)
 # Updates one worker sends to one account's workflow at a time. Updates beyond the server's

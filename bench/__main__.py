@@ -5,5 +5,5 @@ from sequencer.temporal import exit_without_teardown
 
 if __name__ == "__main__":
     asyncio.run(main())
-    # The SDK's runtime can abort the interpreter at exit (sdk-python issue 300).
+    # The SDK's runtime can abort the interpreter during teardown at exit, so leave without it.
     exit_without_teardown(0)

@@ -93,7 +93,7 @@ class StackPorts:
         return cls(*ports)
 
 
-# Ports are picked below the kernel's ephemeral range: a port the kernel hands out for a bind
+# Ports are picked below the kernel's ephemeral range. A port the kernel hands out for a bind
 # to port 0 may go to another process (the Temporal dev server binds several of its own)
 # between the moment we pick it and the moment our server binds it.
 FREE_PORT_FLOOR = 20000

@@ -393,8 +393,8 @@ async def test_server_restart_loses_no_sleeping_lead(tmp_path: Path) -> None:
 
 
 async def test_linkedin_errors_retried_once_each(dev_server, tmp_path: Path) -> None:
-    # The sandbox answers 429 with Retry-After twice for "ratelimited" profiles and 503 once
-    # for "flaky" ones; each lead's visit must still happen, once.
+    # The sandbox returns 429 with Retry-After twice for "ratelimited" profiles and 503 once
+    # for "flaky" ones. Each lead's visit must still happen, once.
     sandbox = LinkedInSandbox(port=0)
     sandbox.start()
     address = dev_server.client.service_client.config.target_host
