@@ -18,6 +18,9 @@ WORKDIR /app
 # The files stay owned by root, so the worker cannot modify its own code.
 COPY . /app
 RUN pip install --no-cache-dir '.[postgres]'
+# The workflow sandbox loads the workflow modules again for every workflow it starts; with
+# their bytecode compiled here it does not compile their source each time.
+RUN python -m compileall -q /app
 
 USER sequencer
 

@@ -10,17 +10,25 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from datetime import timedelta
-from typing import TypeVar
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy
+from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
-from sequencer.models import AccountProblem, AccountRef, SlotGrant, SlotRequest
+from sequencer.models import (
+    AccountProblem,
+    AccountRef,
+    BookedStep,
+    BookedStepResult,
+    SlotGrant,
+    SlotRequest,
+)
 from workflows.sender_account import AccountState, SenderAccountWorkflow, account_workflow_id
 
 T = TypeVar("T")
@@ -54,11 +62,20 @@ async def _while_busy(call: Callable[[], Awaitable[T]]) -> T:
 
 
 class AccountSlotActivities:
-    """`check_interval` is how often a disconnected account is checked (None: never)."""
+    """`check_interval` is how often a disconnected account is checked (None: never).
 
-    def __init__(self, client: Client, check_interval: timedelta | None) -> None:
+    `channels` are the channel activities that `book_and_run_step` can run, by activity name.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        check_interval: timedelta | None,
+        channels: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+    ) -> None:
         self._client = client
         self._check_interval = check_interval
+        self._channels = dict(channels or {})
         # Ids of the account workflows this worker's leads used, for `end_accounts`.
         self.used: set[str] = set()
         self._gates: dict[str, asyncio.Semaphore] = {}
@@ -147,6 +164,27 @@ class AccountSlotActivities:
                     start_workflow_operation=self._start(request.account),
                 )
             )
+
+    @activity.defn(name="book_and_run_step")
+    async def book_and_run_step(self, booked: BookedStep) -> BookedStepResult:
+        """Book the step's slot and, when the slot is free now, run the step's channel activity.
+
+        One activity instead of two saves a workflow task and an activity per send. A slot
+        that is later (spacing, a daily cap) or refused (a disconnected account) is returned
+        without running anything: the lead waits or pauses, then runs the channel activity.
+        A retry books the same slot again, since a booking is keyed by lead and step.
+        """
+        channel = self._channels.get(booked.activity)
+        if channel is None:
+            raise ApplicationError(
+                f"this worker has no {booked.activity} activity to run step "
+                f"{booked.step.step_number}; register it with the worker's activities",
+                non_retryable=True,
+            )
+        grant = await self.reserve_slot(booked.slot)
+        if not grant.granted or grant.at is None or grant.at > datetime.now(UTC):
+            return BookedStepResult(grant=grant)
+        return BookedStepResult(grant=grant, outcome=await channel(booked.step))
 
     @activity.defn(name="report_account_problem")
     async def report_account_problem(self, problem: AccountProblem) -> str:

@@ -17,6 +17,10 @@ from temporalio import activity, workflow
 class BaselinePlan:
     steps: int
     timers: int = 0
+    # The reaction benchmark: after the steps, sleep this long unless the `wake` signal comes
+    # first, then run `after_wait` more activities.
+    wait: timedelta | None = None
+    after_wait: int = 0
 
 
 @activity.defn(name="bench_noop")
@@ -27,6 +31,9 @@ async def noop(step: int) -> int:
 
 @workflow.defn(name="BaselineLead")
 class BaselineLead:
+    def __init__(self) -> None:
+        self._woken = False
+
     @workflow.run
     async def run(self, plan: BaselinePlan) -> int:
         for step in range(plan.steps):
@@ -34,4 +41,17 @@ class BaselineLead:
         for _ in range(plan.timers):
             # One millisecond: the shortest timer the server records as a timer.
             await workflow.sleep(timedelta(milliseconds=1))
-        return plan.steps
+        if plan.wait is not None:
+            try:
+                await workflow.wait_condition(lambda: self._woken, timeout=plan.wait)
+            except TimeoutError:
+                pass
+            for step in range(plan.after_wait):
+                await workflow.execute_activity(
+                    noop, plan.steps + step, start_to_close_timeout=timedelta(minutes=2)
+                )
+        return plan.steps + plan.after_wait
+
+    @workflow.signal
+    def wake(self) -> None:
+        self._woken = True

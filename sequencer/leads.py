@@ -26,10 +26,6 @@ from typing import Any
 
 import phonenumbers
 
-# NOTE: LOCALE_DATA is the region-name table that phonenumbers' geocoder uses. It is not
-# documented API, so a phonenumbers upgrade may move it.
-from phonenumbers.geodata.locale import LOCALE_DATA
-
 from sequencer.addresses import INVISIBLE, InvalidEmailError, clean_text, normalize_email
 from sequencer.campaign import Campaign
 from sequencer.channels import Channel
@@ -632,6 +628,12 @@ def _parse_phone(value: str, region: str | None, country: str) -> tuple[str | No
 @cache
 def _country_regions() -> dict[str, str]:
     """Map country names in many languages, and ISO codes, to phonenumbers region codes."""
+    # LOCALE_DATA is the region-name table that phonenumbers' geocoder uses. It is not
+    # documented API, so a phonenumbers upgrade may move it. Imported here, on the first
+    # country lookup, because importing it loads all of the geocoder's data (about 100 MB),
+    # which every worker and CLI process would otherwise hold.
+    from phonenumbers.geodata.locale import LOCALE_DATA
+
     regions: dict[str, str] = {}
     supported = phonenumbers.SUPPORTED_REGIONS
     for code, names in LOCALE_DATA.items():

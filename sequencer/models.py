@@ -283,6 +283,24 @@ class SlotGrant(BaseModel):
     detail: str | None = None
 
 
+class BookedStep(BaseModel):
+    """A step that sends through a sender account: book its slot, then run it if the slot is now.
+
+    `activity` is the name of the channel activity that runs the step.
+    """
+
+    activity: str
+    slot: SlotRequest
+    step: StepInput
+
+
+class BookedStepResult(BaseModel):
+    """The slot booked for a step and, when that slot was free at once, the step's outcome."""
+
+    grant: SlotGrant
+    outcome: StepOutcome | None = None
+
+
 class AccountProblem(BaseModel):
     """A step found its sender account unusable: the account is marked disconnected."""
 

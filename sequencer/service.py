@@ -76,7 +76,14 @@ from sequencer.storage import CampaignStats, EnrollmentRow, NotFoundError, Store
 from sequencer.temporal import connect
 from sequencer.webhooks import InvitationEvent, WebhookRejected
 from workflows.lead_machine import LeadSequence, plan_from_steps
-from workflows.lead_sequence import CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY, LeadSequenceWorkflow
+from workflows.lead_sequence import (
+    ACCOUNT_KEY,
+    CAMPAIGN_KEY,
+    STAGE_KEY,
+    STATUS_KEY,
+    LeadSequenceWorkflow,
+    start_search_attributes,
+)
 from workflows.mailbox import MAILBOX_WORKFLOW_TYPE, MailboxWorkflow, mailbox_workflow_id
 from workflows.sender_account import ACCOUNT_WORKFLOW_TYPE, account_workflow_id
 
@@ -1087,6 +1094,8 @@ async def _start_lead(
     """
     campaign = input.campaign
     resumed = ", resumed" if input.resume_steps is not None else ""
+    # The values the workflow would set itself, so that its first rest costs no upsert.
+    status, stage, account = start_search_attributes(campaign, first_step)
     await client.start_workflow(
         LeadSequenceWorkflow.run,
         input,
@@ -1097,8 +1106,9 @@ async def _start_lead(
         search_attributes=TypedSearchAttributes(
             [
                 SearchAttributePair(CAMPAIGN_KEY, campaign.id),
-                SearchAttributePair(STATUS_KEY, EnrollmentStatus.RUNNING.value),
-                SearchAttributePair(STAGE_KEY, f"step-{first_step}"),
+                SearchAttributePair(STATUS_KEY, status),
+                SearchAttributePair(STAGE_KEY, stage),
+                *([SearchAttributePair(ACCOUNT_KEY, account)] if account else []),
             ]
         ),
         static_summary=(

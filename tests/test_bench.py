@@ -14,13 +14,35 @@ pytestmark = pytest.mark.stack
 async def test_bench_writes_report(tmp_path: Path) -> None:
     output = tmp_path / "benchmarks.md"
 
-    await main(["--leads", "4", "--runs", "1", "--output", str(output)])
+    await main(
+        [
+            *("--leads", "4", "--runs", "1", "--reaction", "5"),
+            *("--sleeping", "5", "10", "--import-rows", "20", "--output", str(output)),
+        ]
+    )
 
     report = output.read_text()
     assert "| 4 | " in report
     assert "**billable actions**" in report
     # The engine's leads ran every step: five channel activities at least, per lead.
-    activity_row = next(line for line in report.splitlines() if line.startswith("| activity |"))
-    engine, baseline = (float(cell) for cell in activity_row.strip("|").split("|")[1:3])
-    assert baseline == 1.0
-    assert engine >= 1.0
+    counts = {
+        cells[0]: (float(cells[1]), float(cells[2]))
+        for line in report.splitlines()
+        if line.startswith("| ")
+        and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 3
+        and cells[1].replace(".", "").isdigit()
+    }
+    # Per step of a lead that never waits: its channel activity (which books the slot first)
+    # and, once per lead, one log write at the end; search attributes set at the start and at
+    # the end (the patch's version and the final status).
+    assert counts["activity"] == (1.2, 1.0)
+    assert counts["search attribute update"] == (0.4, 0.0)
+    assert counts["update (sender accounts)"] == (0.8, 0.0)
+    # Every lead reacted to its bounce: the visit started after the bounce was sent.
+    engine_reaction = next(line for line in report.splitlines() if line.startswith("| engine |"))
+    p50, p99, longest = (float(cell) for cell in engine_reaction.strip("|").split("|")[1:4])
+    assert 0 < p50 <= p99 <= longest
+    # The worker's memory was read at both counts of sleeping leads.
+    assert "| 5 | " in report and "| 10 | " in report
+    launch = next(line for line in report.splitlines() if line.startswith("| launch |"))
+    assert float(launch.strip("|").split("|")[2]) > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
@@ -478,3 +479,65 @@ def test_slot_book_keeps_every_window_within_the_cap():
     times.sort()
     assert all(b - a >= timedelta(minutes=5) for a, b in zip(times, times[1:], strict=False))
     assert max(sum(1 for t in times if s <= t < s + DAY) for s in times) <= 7
+
+
+def _naive_next_free(slots, now, kind, cap, spacing):
+    """The booking rules written the slow, obvious way: a scan of every slot."""
+    window, margin, tiny = timedelta(hours=24), timedelta(minutes=1), timedelta(microseconds=1)
+    at, reason = now, None
+    while True:
+        clash = next(
+            (s.at for s in sorted(slots, key=lambda s: s.at) if abs(s.at - at) < spacing), None
+        )
+        if clash is not None:
+            at, reason = clash + spacing, reason or "spacing"
+            continue
+        same = sorted(s.at for s in slots if s.kind == kind)
+        starts = [at - window + tiny, *same, *(t - window + tiny for t in same)]
+        busiest = max(
+            sum(1 for t in same if w <= t < w + window) for w in starts if at - window < w <= at
+        )
+        if cap is not None and busiest >= cap:
+            at, reason = min(t + window + margin for t in same if t + window + margin > at), "cap"
+            continue
+        return at, reason
+
+
+def test_slot_book_books_as_a_scan_of_every_slot_would():
+    """Random bookings, releases, prunes and packs (as at continue-as-new) give the same
+    slots as the obvious scan over every booked send."""
+    generator = random.Random(7)
+    book = SlotBook([])
+    reference: list[Slot] = []
+    now = T0
+    for number in range(400):
+        now += timedelta(minutes=generator.choice([0, 1, 7, 30, 180, 600]))
+        kind = generator.choice(["email", "linkedin_visit", "linkedin_invite"])
+        cap = generator.choice([None, 3, 5, 20])
+        spacing = timedelta(minutes=generator.choice([0, 2, 10]))
+        expected = _naive_next_free(reference, now, kind, cap, spacing)
+        assert book.next_free(now, kind, cap, spacing) == expected, number
+        slot = Slot(at=expected[0], kind=kind, workflow_id=f"w{number}", step=1)
+        book.book(slot)
+        reference.append(slot)
+        if number % 9 == 0:
+            victim = generator.choice(reference)
+            freed = book.release(victim.workflow_id, victim.step, now)
+            assert freed == (victim.at > now)
+            if freed:
+                reference.remove(victim)
+        if number % 50 == 49:
+            book.prune(now)
+            reference = [s for s in reference if s.at > now - timedelta(hours=24)]
+            state_slots = book.slots
+            sent = book.pack(now)
+            book = SlotBook(state_slots, sent)
+            reference = [
+                s if s.at > now else Slot(at=s.at, kind=s.kind, workflow_id="", step=0)
+                for s in reference
+            ]
+        assert book.count_since(now - timedelta(hours=24), now) == {
+            k: n
+            for k in ("email", "linkedin_visit", "linkedin_invite")
+            if (n := sum(1 for s in reference if s.kind == k and now - DAY < s.at <= now))
+        }

@@ -15,10 +15,13 @@ from workflows.lead_sequence import LeadSequenceWorkflow
 from workflows.mailbox import MailboxWorkflow
 from workflows.sender_account import SenderAccountWorkflow
 
-HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+ROOT = Path(__file__).parent / "histories"
+HISTORIES = sorted(ROOT.rglob("*.json"))
 
 
-@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+@pytest.mark.parametrize(
+    "path", HISTORIES, ids=[str(p.relative_to(ROOT).with_suffix("")) for p in HISTORIES]
+)
 async def test_history_replays(path):
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     replayer = Replayer(

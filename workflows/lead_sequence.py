@@ -28,6 +28,8 @@ with workflow.unsafe.imports_passed_through():
         AccountProblem,
         AccountReconnected,
         AccountRef,
+        BookedStep,
+        BookedStepResult,
         CarriedState,
         EnrollmentInput,
         EnrollmentResult,
@@ -114,9 +116,18 @@ INTERRUPTIONS = "interruptions"
 ACCOUNT_ATTRIBUTE = "account-search-attribute"
 # Histories from before this patch never continued as new.
 CONTINUE_AS_NEW = "continue-as-new"
-# New runs call this one patch, which stands for all four above: each patch call costs a marker
-# and a search attribute update in the history. Histories from before it call the four.
+# This patch stands for all four above: each patch call costs a marker and a search attribute
+# update in the history. Histories from before it call the four.
 CURRENT = "sequencer-1"
+# New runs call this one patch, which stands for CURRENT and adds two changes. The lead writes
+# its log and its search attributes when it comes to rest (a wait, a task, a pause, the end)
+# or when an event from the world changed it, instead of after every step, and its first
+# search attributes are the ones it was started with. A step that sends through an account
+# books its slot and runs in one activity (`book_and_run_step`) instead of two.
+LATEST = "sequencer-2"
+# How long the booking of a slot and the step that follows it may take in all: a booking can
+# queue on the worker behind others for the same account.
+BOOKED_STEP_TIMEOUT = timedelta(minutes=12)
 ACCOUNT_RETRY_INTERVAL = timedelta(minutes=15)
 SLOT_RETRY = RetryPolicy(
     initial_interval=timedelta(seconds=1),
@@ -168,6 +179,9 @@ class LeadSequenceWorkflow:
         self._account_attribute = False
         self._may_continue = False
         self._records_first: bool | None = None
+        # Whether the log and search attributes are written only at rest, and a step books its
+        # slot in the activity that runs it (LATEST).
+        self._at_rest_only = False
         self._resume_at = None
         self._ignored: list[str] = []
         self._interruptions = False
@@ -180,7 +194,11 @@ class LeadSequenceWorkflow:
     @workflow.run
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
         machine = self._machine
-        if workflow.patched(CURRENT):
+        if workflow.patched(LATEST):
+            self._interruptions = self._account_attribute = self._may_continue = True
+            self._records_first = self._at_rest_only = True
+            self._search_attributes = self._attributes_at_start()
+        elif workflow.patched(CURRENT):
             self._interruptions = self._account_attribute = self._may_continue = True
             self._records_first = True
         else:
@@ -199,7 +217,7 @@ class LeadSequenceWorkflow:
         else:
             machine.begin(workflow.now())
             await self._start_budget()
-        await self._record()
+        await self._record(at_rest=False)
 
         while not machine.has_ended:
             # Record what an event changed before acting on it, so that an update's caller sees
@@ -217,12 +235,13 @@ class LeadSequenceWorkflow:
                 await self._sleep_until(action)
             elif isinstance(action, AwaitTask):
                 self._publish(f"step {action.step}: waiting for a person")
+                await self._come_to_rest()
                 await workflow.wait_condition(self._woken)
             elif isinstance(action, AwaitInvitation):
                 await self._await_invitation(action)
             elif isinstance(action, AwaitResume):
                 await self._await_resume()
-            await self._record()
+            await self._record(at_rest=False)
 
         # Events that arrived while the last step ran are applied after the end: a late bounce
         # is still recorded and still unsubscribes. An update handler waits for the loop to
@@ -488,8 +507,12 @@ class LeadSequenceWorkflow:
         if not machine.start_step(number, now):
             return
         account = self._account_for(step.type) if self._interruptions else None
-        if account is not None and not await self._take_slot(number, step.type, account):
-            return
+        booking: SlotRequest | None = None
+        if account is not None:
+            if self._at_rest_only and self._valid_booking(number, account) is None:
+                booking = self._slot_request(account, number, step.type)
+            elif not await self._take_slot(number, step.type, account):
+                return
         earlier = [
             s.step
             for s in machine.steps
@@ -505,26 +528,38 @@ class LeadSequenceWorkflow:
             earlier_email_steps=earlier,
         )
         self._publish(f"step {number}: running {step.type}")
-        handle = workflow.start_activity(
-            ACTIVITY_FOR_CHANNEL[step.channel],
-            step_input,
-            result_type=StepOutcome,
-            start_to_close_timeout=timedelta(minutes=2),
-            # Email sends heartbeat while they run, so an attempt on a worker that died is
-            # retried after this long instead of the whole start-to-close timeout.
-            heartbeat_timeout=EMAIL_HEARTBEAT_TIMEOUT if step.channel == Channel.EMAIL else None,
-            retry_policy=CHANNEL_RETRY,
-            summary=f"step {number} of {len(campaign.steps)}: {step.type}",
-        )
-        if self._interruptions:
-            # An operator's pause arriving while the step runs is applied at once; the step
-            # finishes, and the wait after it is frozen.
-            while not handle.done():
-                await workflow.wait_condition(lambda: handle.done() or self._has_control())
-                if self._apply_inbox(controls_only=True):
-                    await self._record()
+        # Email sends heartbeat while they run, so an attempt on a worker that died is retried
+        # after this long instead of the whole start-to-close timeout.
+        heartbeat = EMAIL_HEARTBEAT_TIMEOUT if step.channel == Channel.EMAIL else None
+        summary = f"step {number} of {len(campaign.steps)}: {step.type}"
         try:
-            outcome = await handle
+            if booking is not None and account is not None:
+                result = await self._run_activity(
+                    "book_and_run_step",
+                    BookedStep(
+                        activity=ACTIVITY_FOR_CHANNEL[step.channel], slot=booking, step=step_input
+                    ),
+                    BookedStepResult,
+                    timeout=BOOKED_STEP_TIMEOUT,
+                    heartbeat=heartbeat,
+                    summary=f"{summary}, once a slot on {account.id} is free",
+                )
+                if result.outcome is not None:
+                    outcome = result.outcome
+                elif not self._take_grant(number, step.type, account, result.grant):
+                    return
+                else:
+                    # The slot came free between the booking and now: run the step.
+                    booking = None
+            if booking is None:
+                outcome = await self._run_activity(
+                    ACTIVITY_FOR_CHANNEL[step.channel],
+                    step_input,
+                    StepOutcome,
+                    timeout=timedelta(minutes=2),
+                    heartbeat=heartbeat,
+                    summary=summary,
+                )
         except ActivityError as error:
             cause = error.cause
             if isinstance(cause, ApplicationError) and cause.type == ACCOUNT_INTERRUPTED_ERROR_TYPE:
@@ -545,6 +580,34 @@ class LeadSequenceWorkflow:
             invitation=outcome.invitation,
         )
 
+    async def _run_activity(
+        self,
+        name: str,
+        argument: object,
+        result_type: type,
+        *,
+        timeout: timedelta,
+        heartbeat: timedelta | None,
+        summary: str,
+    ):
+        """Run a step's activity. An operator's pause arriving meanwhile is applied at once;
+        the step finishes, and the wait after it is frozen."""
+        handle = workflow.start_activity(
+            name,
+            argument,
+            result_type=result_type,
+            start_to_close_timeout=timeout,
+            heartbeat_timeout=heartbeat,
+            retry_policy=CHANNEL_RETRY,
+            summary=summary,
+        )
+        if self._interruptions:
+            while not handle.done():
+                await workflow.wait_condition(lambda: handle.done() or self._has_control())
+                if self._apply_inbox(controls_only=True):
+                    await self._record()
+        return await handle
+
     def _has_control(self) -> bool:
         return any(
             isinstance(event, OperatorAction) and event.action in ("pause", "resume")
@@ -552,13 +615,7 @@ class LeadSequenceWorkflow:
         )
 
     def _account_for(self, step_type: str) -> AccountRef | None:
-        if step_type not in SLOT_KINDS:
-            return None
-        if step_type == "email":
-            if self._sender is None:
-                return None
-            return AccountRef(id=self._sender.account_id, channel="email", sender=self._sender)
-        return AccountRef(id=self._linkedin.account_id, channel="linkedin")
+        return _account_ref(step_type, self._sender, self._linkedin)
 
     def _limits(self, step_type: str) -> tuple[int | None, timedelta]:
         if step_type == "email" and self._sender is not None:
@@ -573,23 +630,45 @@ class LeadSequenceWorkflow:
         A slot later than now makes the step due then: a pause when the daily cap is the
         reason, a plain wait for the spacing between two sends.
         """
-        machine = self._machine
-        now = workflow.now()
-        booked = self._slot
-        if booked is not None and (booked[0] != number or booked[1] != account.id):
-            booked = None
-        if booked is not None and booked[2] < now - STALE_SLOT:
-            booked = None
+        booked = self._valid_booking(number, account)
         if booked is None:
             cap, spacing = self._limits(step_type)
             grant = await self._book(account, number, step_type, cap, spacing)
-            now = workflow.now()
-            if not grant.granted:
-                machine.hold(now, f"{account.id} is disconnected", "account", detail=grant.detail)
-                self._account_wait = account.id
-                return False
-            booked = (number, account.id, grant.at, grant.reason)
-            self._slot = booked
+            return self._take_grant(number, step_type, account, grant)
+        return self._wait_for_slot(step_type, account, booked)
+
+    def _valid_booking(
+        self, number: int, account: AccountRef
+    ) -> tuple[int, str, datetime, str | None] | None:
+        """Return the slot booked for this step on this account, unless it went stale."""
+        booked = self._slot
+        if booked is None or booked[0] != number or booked[1] != account.id:
+            return None
+        if booked[2] < workflow.now() - STALE_SLOT:
+            return None
+        return booked
+
+    def _take_grant(
+        self, number: int, step_type: str, account: AccountRef, grant: SlotGrant
+    ) -> bool:
+        """Keep the slot an account granted; return True when the step may run now."""
+        if not grant.granted:
+            detail = grant.detail
+            self._machine.hold(
+                workflow.now(), f"{account.id} is disconnected", "account", detail=detail
+            )
+            self._account_wait = account.id
+            return False
+        booked = (number, account.id, grant.at, grant.reason)
+        self._slot = booked
+        return self._wait_for_slot(step_type, account, booked)
+
+    def _wait_for_slot(
+        self, step_type: str, account: AccountRef, booked: tuple[int, str, datetime, str | None]
+    ) -> bool:
+        """Return True when the booked slot has come; else make the step due then."""
+        machine = self._machine
+        now = workflow.now()
         if booked[2] <= now:
             return True
         if booked[3] == "cap":
@@ -607,6 +686,17 @@ class LeadSequenceWorkflow:
         else:
             machine.next_due = booked[2]
         return False
+
+    def _slot_request(self, account: AccountRef, number: int, step_type: str) -> SlotRequest:
+        cap, spacing = self._limits(step_type)
+        return SlotRequest(
+            account=account,
+            workflow_id=workflow.info().workflow_id,
+            step=number,
+            kind=step_type,
+            cap=cap,
+            spacing=spacing or timedelta(0),
+        )
 
     async def _book(
         self,
@@ -683,6 +773,7 @@ class LeadSequenceWorkflow:
         delay = action.until - workflow.now()
         summary = f"wait {format_duration(delay)} before step {action.step} ({step.type})"
         self._publish(summary)
+        await self._come_to_rest()
         try:
             await workflow.wait_condition(self._woken, timeout=delay, timeout_summary=summary)
         except TimeoutError:
@@ -692,6 +783,7 @@ class LeadSequenceWorkflow:
         delay = action.deadline - workflow.now()
         summary = f"step {action.step}: wait up to {format_duration(delay)} for the invitation"
         self._publish(summary)
+        await self._come_to_rest()
         try:
             await workflow.wait_condition(self._woken, timeout=delay, timeout_summary=summary)
         except TimeoutError:
@@ -700,6 +792,7 @@ class LeadSequenceWorkflow:
     async def _await_resume(self) -> None:
         machine = self._machine
         self._publish(f"paused: {machine.pause_reason}")
+        await self._come_to_rest()
         resume_at = self._resume_at if machine.paused_by in ("account", "cap") else None
         if resume_at is None or (self._interruptions and machine.paused_by == "account"):
             await workflow.wait_condition(self._woken)
@@ -785,8 +878,27 @@ class LeadSequenceWorkflow:
         self._resume_at = carried.resume_at
         self._ignored = list(carried.ignored)
 
-    async def _record(self) -> None:
-        """Write new log entries to the database and keep the search attributes current."""
+    async def _come_to_rest(self) -> None:
+        """Write what the steps since the last rest changed, before the lead waits."""
+        if self._at_rest_only:
+            await self._record()
+
+    def _attributes_at_start(self) -> tuple[str, str, str | None] | None:
+        """Return the status, stage and account search attributes the run was started with."""
+        attributes = workflow.info().typed_search_attributes
+        status, stage = attributes.get(STATUS_KEY), attributes.get(STAGE_KEY)
+        if attributes.get(CAMPAIGN_KEY) != self._input.campaign.id or not status or not stage:
+            return None
+        return status, stage, attributes.get(ACCOUNT_KEY)
+
+    async def _record(self, at_rest: bool = True) -> None:
+        """Write new log entries to the database and keep the search attributes current.
+
+        With `at_rest` false the lead is about to go on with its next step. Runs with LATEST
+        then write nothing, unless an update's caller waits for its answer.
+        """
+        if not at_rest and self._at_rest_only and not self._answers:
+            return
         machine = self._machine
         entries: list[LogEntry] = machine.new_entries()
         stage = self._stage()
@@ -868,6 +980,29 @@ class LeadSequenceWorkflow:
         )
 
 
+def _account_ref(step_type: str, sender: Sender | None, linkedin) -> AccountRef | None:
+    """Return the account a step of this type sends through, or None when it sends nothing."""
+    if step_type not in SLOT_KINDS:
+        return None
+    if step_type == "email":
+        if sender is None:
+            return None
+        return AccountRef(id=sender.account_id, channel="email", sender=sender)
+    return AccountRef(id=linkedin.account_id, channel="linkedin")
+
+
+def start_search_attributes(campaign, first_step: int) -> tuple[str, str, str | None]:
+    """Return the status, stage and account search attributes of a run that starts at
+    `first_step`: the values the workflow itself would set, so that it need not set them."""
+    step = campaign.steps[first_step - 1]
+    account = _account_ref(step.type, campaign.sender, campaign.linkedin)
+    return (
+        EnrollmentStatus.RUNNING.value,
+        f"step-{first_step}-{step.type}",
+        account.id if account is not None else None,
+    )
+
+
 def _sends(step_type: str, cap: int | None) -> str:
     kind = "emails" if step_type == "email" else f"{step_type.removeprefix('linkedin_')}s"
     return f"{cap} {kind} were sent or booked in the last 24 hours"
@@ -898,4 +1033,4 @@ def _describe(event: Event) -> str:
     return f"{event.account_id} reconnected"
 
 
-__all__ = ["LeadSequenceWorkflow", "EnrollmentStatus"]
+__all__ = ["LeadSequenceWorkflow", "EnrollmentStatus", "start_search_attributes"]

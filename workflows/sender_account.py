@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from pydantic import BaseModel, Field
 from temporalio import workflow
@@ -73,6 +73,10 @@ class AccountState(BaseModel):
     reason: str | None = None
     since: datetime | None = None
     slots: list[Slot] = Field(default_factory=list)
+    # Sends of the last 24 hours that no longer need their lead and step, by kind, as
+    # microseconds since the Unix epoch: a list of Slot objects for a busy account would
+    # outgrow the 2 MB that Temporal accepts as a workflow's input.
+    sent: dict[str, list[int]] = Field(default_factory=dict)
     waiters: list[str] = Field(default_factory=list)
     last_check: str | None = None
     # An operator's disconnect is not undone by the health check, only by a reconnect.
@@ -81,16 +85,39 @@ class AccountState(BaseModel):
     updates_per_run: int = UPDATES_PER_RUN
 
 
-class SlotBook:
-    """Sends booked on one account: a cap per kind over any 24 hours, and a spacing."""
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
-    def __init__(self, slots: list[Slot]) -> None:
+
+def _at(slot: Slot) -> datetime:
+    return slot.at
+
+
+class SlotBook:
+    """Sends booked on one account: a cap per kind over any 24 hours, and a spacing.
+
+    The slots are kept in time order, with an index by lead and step and the times of each
+    kind apart, so that a booking costs a few bisections rather than scans of every slot:
+    an account can hold tens of thousands of slots, and the bookings of a burst of leads are
+    handled in one workflow task.
+    """
+
+    def __init__(self, slots: list[Slot], sent: dict[str, list[int]] | None = None) -> None:
         self.slots = slots
+        for kind, times in (sent or {}).items():
+            slots.extend(
+                Slot(at=EPOCH + timedelta(microseconds=t), kind=kind, workflow_id="", step=0)
+                for t in times
+            )
+        if sent:
+            sent.clear()
+        slots.sort(key=_at)
+        self._index = {(s.workflow_id, s.step): s for s in slots if s.workflow_id}
+        self._times: dict[str, list[datetime]] = {}
+        for slot in slots:
+            self._times.setdefault(slot.kind, []).append(slot.at)
 
     def find(self, workflow_id: str, step: int) -> Slot | None:
-        return next(
-            (s for s in self.slots if s.workflow_id == workflow_id and s.step == step), None
-        )
+        return self._index.get((workflow_id, step))
 
     def next_free(
         self, now: datetime, kind: str, cap: int | None, spacing: timedelta
@@ -102,62 +129,111 @@ class SlotBook:
         """
         at = now
         reason: str | None = None
+        times = self._times.get(kind, [])
         for _ in range(100_000):
-            clash = next(
-                (s.at for s in self.slots if spacing > timedelta(0) and abs(s.at - at) < spacing),
-                None,
-            )
+            clash = self._clash(at, spacing)
             if clash is not None:
                 at = clash + spacing
                 reason = reason or "spacing"
                 continue
-            if cap is not None and self._busiest_window(at, kind) >= cap:
-                same = [s.at + WINDOW + CAP_MARGIN for s in self.slots if s.kind == kind]
-                at = min(t for t in same if t > at)
+            if cap is not None and self._cap_reached(at, times, cap):
+                # The earliest time at which a send of this kind leaves the window.
+                at = times[bisect.bisect_right(times, at - WINDOW - CAP_MARGIN)] + WINDOW
+                at += CAP_MARGIN
                 reason = "cap"
                 continue
             return at, reason
         raise RuntimeError("no free slot found: the account's bookings are inconsistent")
 
-    def _busiest_window(self, at: datetime, kind: str) -> int:
-        """Return the most sends of `kind` in one 24-hour window [w, w + 24h) that contains `at`."""
-        times = sorted(s.at for s in self.slots if s.kind == kind and abs(s.at - at) < WINDOW)
+    def _clash(self, at: datetime, spacing: timedelta) -> datetime | None:
+        """Return the earliest booked send closer to `at` than `spacing`, if any."""
+        if spacing <= timedelta(0):
+            return None
+        first = bisect.bisect_right(self.slots, at - spacing, key=_at)
+        if first < len(self.slots) and self.slots[first].at - at < spacing:
+            return self.slots[first].at
+        return None
+
+    @staticmethod
+    def _cap_reached(at: datetime, times: list[datetime], cap: int) -> bool:
+        """Return whether some 24-hour window [w, w + 24h) holding `at` holds `cap` or more of
+        `times` (sorted)."""
+        low = bisect.bisect_right(times, at - WINDOW)
+        high = bisect.bisect_left(times, at + WINDOW)
+        if high - low < cap:
+            return False  # fewer sends within 24 hours of `at` than the cap: room everywhere
+        near = times[low:high]
         tiny = timedelta(microseconds=1)
-        starts = {at - WINDOW + tiny} | {t for t in times if t <= at}
-        starts |= {t - WINDOW + tiny for t in times if t - WINDOW + tiny <= at}
+        starts = {at - WINDOW + tiny} | {t for t in near if t <= at}
+        starts |= {t - WINDOW + tiny for t in near if t - WINDOW + tiny <= at}
         # Counted by bisection in the sorted times: a burst of bookings over thousands of
         # slots made counting each window by a scan too slow for one workflow activation.
-        return max(
+        busiest = max(
             (
-                bisect.bisect_left(times, w + WINDOW) - bisect.bisect_left(times, w)
+                bisect.bisect_left(near, w + WINDOW) - bisect.bisect_left(near, w)
                 for w in starts
                 if at - WINDOW < w
             ),
             default=0,
         )
+        return busiest >= cap
 
     def book(self, slot: Slot) -> None:
-        self.slots.append(slot)
-        self.slots.sort(key=lambda s: s.at)
+        bisect.insort_right(self.slots, slot, key=_at)
+        if slot.workflow_id:
+            self._index[(slot.workflow_id, slot.step)] = slot
+        bisect.insort_right(self._times.setdefault(slot.kind, []), slot.at)
 
     def release(self, workflow_id: str, step: int, now: datetime) -> bool:
         """Free a slot that a lead will not use. Only a slot still in the future is freed."""
         slot = self.find(workflow_id, step)
         if slot is None or slot.at <= now:
             return False
-        self.slots.remove(slot)
+        position = bisect.bisect_left(self.slots, slot.at, key=_at)
+        while self.slots[position] is not slot:
+            position += 1
+        del self.slots[position]
+        del self._index[(workflow_id, step)]
+        self._times[slot.kind].remove(slot.at)
         return True
 
     def prune(self, now: datetime) -> None:
         """Forget sends that no 24-hour window from now can hold."""
-        self.slots[:] = [s for s in self.slots if s.at > now - WINDOW]
+        cutoff = bisect.bisect_right(self.slots, now - WINDOW, key=_at)
+        for slot in self.slots[:cutoff]:
+            self._index.pop((slot.workflow_id, slot.step), None)
+        del self.slots[:cutoff]
+        for times in self._times.values():
+            del times[: bisect.bisect_right(times, now - WINDOW)]
+
+    def pack(self, now: datetime) -> dict[str, list[int]]:
+        """Keep only the slots still ahead with their lead; return the others by kind, as
+        `AccountState.sent` holds them. A lead asking again for a slot it already used then
+        gets a new one, which only makes the cap count one send too many."""
+        ahead = bisect.bisect_right(self.slots, now, key=_at)
+        sent: dict[str, list[int]] = {}
+        for slot in self.slots[:ahead]:
+            sent.setdefault(slot.kind, []).append((slot.at - EPOCH) // timedelta(microseconds=1))
+            self._index.pop((slot.workflow_id, slot.step), None)
+        del self.slots[:ahead]
+        return sent
 
     def count_since(self, since: datetime, until: datetime) -> dict[str, int]:
         counts: dict[str, int] = {}
-        for slot in self.slots:
-            if since < slot.at <= until:
-                counts[slot.kind] = counts.get(slot.kind, 0) + 1
+        for kind, times in self._times.items():
+            count = bisect.bisect_right(times, until) - bisect.bisect_right(times, since)
+            if count:
+                counts[kind] = count
         return counts
+
+    def newest(self) -> datetime | None:
+        return self.slots[-1].at if self.slots else None
+
+    def booked_after(self, now: datetime) -> int:
+        return len(self.slots) - bisect.bisect_right(self.slots, now, key=_at)
+
+    def of_lead(self, workflow_id: str) -> list[Slot]:
+        return [s for s in self.slots if s.workflow_id == workflow_id]
 
 
 @workflow.defn(name=ACCOUNT_WORKFLOW_TYPE)
@@ -165,7 +241,7 @@ class SenderAccountWorkflow:
     @workflow.init
     def __init__(self, state: AccountState) -> None:
         self._state = state
-        self._book = SlotBook(state.slots)
+        self._book = SlotBook(state.slots, state.sent)
         self._updates = 0
         self._notify: list[str] = []
         self._closing = False
@@ -183,6 +259,7 @@ class SenderAccountWorkflow:
             if self._should_continue_as_new():
                 await workflow.wait_condition(workflow.all_handlers_finished)
                 self._book.prune(workflow.now())
+                self._state.sent = self._book.pack(workflow.now())
                 workflow.continue_as_new(self._state)
             if not self._state.connected:
                 if self._state.account.check_interval and not self._state.by_operator:
@@ -207,7 +284,7 @@ class SenderAccountWorkflow:
                         return
                 continue
             # Busy: wake up on an event, or when the newest send leaves the 24-hour window.
-            newest = max((s.at for s in self._book.slots), default=workflow.now())
+            newest = self._book.newest() or workflow.now()
             try:
                 await workflow.wait_condition(
                     lambda: (
@@ -275,7 +352,7 @@ class SenderAccountWorkflow:
         """Drop a lead that no longer waits for this account (it was reassigned or removed)."""
         if workflow_id in self._state.waiters:
             self._state.waiters.remove(workflow_id)
-        for slot in [s for s in self._book.slots if s.workflow_id == workflow_id]:
+        for slot in self._book.of_lead(workflow_id):
             self._book.release(workflow_id, slot.step, workflow.now())
 
     # Operators
@@ -321,7 +398,7 @@ class SenderAccountWorkflow:
             since=state.since,
             waiting_leads=len(state.waiters),
             sends_last_24h=self._book.count_since(now - WINDOW, now),
-            booked_ahead=sum(1 for s in self._book.slots if s.at > now),
+            booked_ahead=self._book.booked_after(now),
             last_check=state.last_check,
         )
 
@@ -404,7 +481,7 @@ class SenderAccountWorkflow:
             self._state.connected
             and not self._state.waiters
             and not self._notify
-            and not any(s.at > now - WINDOW for s in self._book.slots)
+            and (self._book.newest() or EPOCH) <= now - WINDOW
         )
 
     def _busy_since_idle(self) -> bool:
