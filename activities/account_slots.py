@@ -65,8 +65,8 @@ async def _heartbeating(awaitable: Awaitable[T]) -> T:
     """Await `awaitable`, heartbeating every HEARTBEAT_INTERVAL meanwhile.
 
     An update waits until the account's workflow has handled it, and that workflow's tasks
-    queue behind those of every lead on the task queue: with 10,000 leads starting at once the
-    wait passed the 20 s heartbeat timeout of an email step, and the booking was cancelled
+    queue behind those of every lead on the task queue. With 10,000 leads starting at once,
+    the wait passed the 20 s heartbeat timeout of an email step, so the booking was cancelled
     and retried again and again.
     """
     task = asyncio.ensure_future(awaitable)

@@ -45,8 +45,9 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(share * len(ordered)) - 1))]
 
 
-# Reaction: a lead asleep for 7 days after its first email gets a bounce for it. The second
-# email is skipped (same channel) and the LinkedIn visit runs at once (rule 4).
+# Reaction: a lead asleep for 7 days after its first email gets a bounce for it. A failed step
+# skips the rest of its channel, so the second email is skipped, and the next step on another
+# channel, the LinkedIn visit, runs at once.
 
 
 def reaction_campaign(campaign_id: str) -> Campaign:
@@ -245,7 +246,8 @@ DAY_NAMES = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"]
 
 
 def sleeping_campaign(campaign_id: str) -> Campaign:
-    """A one-email campaign whose sending window opens in three days: leads sleep until then."""
+    """Return a one-email campaign whose sending window opens in three days, so that its
+    leads sleep until then."""
     day = DAY_NAMES[(datetime.now(UTC).weekday() + 3) % 7]
     return parse_campaign(
         {

@@ -116,13 +116,13 @@ INTERRUPTIONS = "interruptions"
 ACCOUNT_ATTRIBUTE = "account-search-attribute"
 # Histories from before this patch never continued as new.
 CONTINUE_AS_NEW = "continue-as-new"
-# This patch stands for all four above: each patch call costs a marker and a search attribute
-# update in the history. Histories from before it call the four.
+# This patch replaces the four above, because each patch call costs a marker and a search
+# attribute update in the history. Histories from before it call the four.
 CURRENT = "sequencer-1"
-# New runs call this one patch, which stands for CURRENT and adds two changes. The lead writes
-# its log and its search attributes when it comes to rest (a wait, a task, a pause, the end)
-# or when an event from the world changed it, instead of after every step, and its first
-# search attributes are the ones it was started with. A step that sends through an account
+# New runs call this one patch, which replaces CURRENT and adds two changes. First, the lead
+# writes its log and its search attributes when it comes to rest (a wait, a task, a pause,
+# the end) or when an event from the world changed it, not after every step. Its first search
+# attributes are the ones it was started with. Second, a step that sends through an account
 # books its slot and runs in one activity (`book_and_run_step`) instead of two.
 LATEST = "sequencer-2"
 # How long the booking of a slot and the step that follows it may take in all: a booking can
@@ -895,7 +895,7 @@ class LeadSequenceWorkflow:
         """Write new log entries to the database and keep the search attributes current.
 
         With `at_rest` false the lead is about to go on with its next step. Runs with LATEST
-        then write nothing, unless an update's caller waits for its answer.
+        then write nothing, unless an update's caller waits for its result.
         """
         if not at_rest and self._at_rest_only and not self._answers:
             return

@@ -74,8 +74,8 @@ class AccountState(BaseModel):
     since: datetime | None = None
     slots: list[Slot] = Field(default_factory=list)
     # Sends of the last 24 hours that no longer need their lead and step, by kind, as
-    # microseconds since the Unix epoch: a list of Slot objects for a busy account would
-    # outgrow the 2 MB that Temporal accepts as a workflow's input.
+    # microseconds since the Unix epoch. As a list of Slot objects, those of a busy account
+    # would outgrow the 2 MB that Temporal accepts as a workflow's input.
     sent: dict[str, list[int]] = Field(default_factory=dict)
     waiters: list[str] = Field(default_factory=list)
     last_check: str | None = None
@@ -96,9 +96,9 @@ class SlotBook:
     """Sends booked on one account: a cap per kind over any 24 hours, and a spacing.
 
     The slots are kept in time order, with an index by lead and step and the times of each
-    kind apart, so that a booking costs a few bisections rather than scans of every slot:
-    an account can hold tens of thousands of slots, and the bookings of a burst of leads are
-    handled in one workflow task.
+    kind apart, so that a booking costs a few bisections rather than scans of every slot.
+    An account can have tens of thousands of slots, and one workflow task handles the
+    bookings of a burst of leads.
     """
 
     def __init__(self, slots: list[Slot], sent: dict[str, list[int]] | None = None) -> None:
@@ -156,8 +156,8 @@ class SlotBook:
 
     @staticmethod
     def _cap_reached(at: datetime, times: list[datetime], cap: int) -> bool:
-        """Return whether some 24-hour window [w, w + 24h) holding `at` holds `cap` or more of
-        `times` (sorted)."""
+        """Return whether some 24-hour window [w, w + 24h) around `at` contains `cap` or more
+        of `times` (sorted)."""
         low = bisect.bisect_right(times, at - WINDOW)
         high = bisect.bisect_left(times, at + WINDOW)
         if high - low < cap:
@@ -207,8 +207,8 @@ class SlotBook:
             del times[: bisect.bisect_right(times, now - WINDOW)]
 
     def pack(self, now: datetime) -> dict[str, list[int]]:
-        """Keep only the slots still ahead with their lead; return the others by kind, as
-        `AccountState.sent` holds them. A lead asking again for a slot it already used then
+        """Keep only the slots still ahead with their lead, and return the others by kind in
+        the form of `AccountState.sent`. A lead asking again for a slot it already used then
         gets a new one, which only makes the cap count one send too many."""
         ahead = bisect.bisect_right(self.slots, now, key=_at)
         sent: dict[str, list[int]] = {}
