@@ -38,7 +38,8 @@ from sequencer.storage import Store
 from sequencer.temporal import (
     MissingSearchAttributesError,
     check_search_attributes,
-    connect,
+    client_security,
+    connect_to,
     exit_without_teardown,
     lead_worker,
 )
@@ -115,7 +116,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
     store = Store(settings.database_url)
     async with AsyncExitStack() as stack:
         codec = codec_for(settings)
-        client = await connect(settings.temporal_address, settings.temporal_namespace, codec)
+        client = await connect_to(settings, codec)
         await check_search_attributes(client)
         log_payload_encryption(settings, codec)
         linkedin = LinkedInActivities(
@@ -158,8 +159,12 @@ def main() -> None:
         exit_without_teardown(1)
     try:
         require_payload_keys(settings)
+        client_security(settings)
     except MissingPayloadKeyError as error:
         logger.error("Cannot start: %s", error)
+        exit_without_teardown(1)
+    except ValueError as error:
+        logger.error("Invalid setting: %s", error)
         exit_without_teardown(1)
 
     async def serve() -> None:

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import OperationalError
 from temporalio.service import RPCError
 
 from sequencer.campaign import Campaign, CampaignError, load_campaign
@@ -45,6 +46,7 @@ account_app = typer.Typer(help="Sender accounts: their status, limits and outage
 mailbox_app = typer.Typer(help="Sender mailboxes read for bounces and replies.")
 apikey_app = typer.Typer(help="API keys of the HTTP API and the dashboard.")
 payload_key_app = typer.Typer(help="Keys that encrypt lead data in Temporal payloads.")
+db_app = typer.Typer(help="The reporting database's schema (DATABASE_URL).")
 app.add_typer(event_app, name="event")
 app.add_typer(task_app, name="task")
 app.add_typer(lead_app, name="lead")
@@ -52,6 +54,7 @@ app.add_typer(account_app, name="account")
 app.add_typer(mailbox_app, name="mailbox")
 app.add_typer(apikey_app, name="apikey")
 app.add_typer(payload_key_app, name="payload-key")
+app.add_typer(db_app, name="db")
 
 console = Console()
 errors = Console(stderr=True)
@@ -866,6 +869,61 @@ def payload_key_generate(
         highlight=False,
     )
     print(entry)
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Bring the database's schema to the latest revision. The worker, the API and every
+    command do it too when they open the database, so this is for a deploy step that runs
+    before them."""
+    from sqlalchemy import create_engine
+
+    from sequencer.schema import SchemaError, head_revision, upgrade
+
+    settings = _settings()
+    engine = create_engine(settings.database_url)
+    try:
+        before = upgrade(engine)
+    except SchemaError as error:
+        _fail(str(error))
+    except OperationalError as error:
+        _fail(_unreachable_database(settings, error))
+    finally:
+        engine.dispose()
+    head = head_revision()
+    if before == head:
+        console.print(f"The database is at the latest schema revision, {head}: nothing to do")
+    else:
+        console.print(f"Upgraded the database from schema revision {before or 'none'} to {head}")
+
+
+@db_app.command("status")
+def db_status() -> None:
+    """Print the database's schema revision and the latest one; exit with 1 when they differ."""
+    from sqlalchemy import create_engine
+
+    from sequencer.schema import current_revision, head_revision
+
+    settings = _settings()
+    engine = create_engine(settings.database_url)
+    try:
+        current = current_revision(engine)
+    except OperationalError as error:
+        _fail(_unreachable_database(settings, error))
+    finally:
+        engine.dispose()
+    head = head_revision()
+    console.print(f"schema revision: {current or 'none'} (latest: {head})")
+    if current != head:
+        _fail("the database is not at the latest revision: run `sequencer db upgrade`")
+
+
+def _unreachable_database(settings: Settings, error: OperationalError) -> str:
+    from sqlalchemy.engine import make_url
+
+    url = make_url(settings.database_url).render_as_string(hide_password=True)
+    reason = " ".join(str(error.orig).split())
+    return f"cannot open the database {url}: {reason}. Check DATABASE_URL"
 
 
 MAILBOX_STATE_STYLE = {

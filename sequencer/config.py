@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from sequencer.codec import (
@@ -76,6 +78,15 @@ class Settings:
     payload_encryption: bool = True
     # Where payload_keys come from, as error messages name it.
     payload_keys_source: str = KEYS_VARIABLE
+    # Connection security for a Temporal server outside this machine (Temporal Cloud, a
+    # cluster with TLS), under the variable names of Temporal's own clients: TEMPORAL_API_KEY,
+    # TEMPORAL_TLS, TEMPORAL_TLS_CLIENT_CERT_PATH, TEMPORAL_TLS_CLIENT_KEY_PATH and
+    # TEMPORAL_TLS_SERVER_CA_CERT_PATH. TLS is on when an API key or a client certificate is set.
+    temporal_api_key: str | None = field(default=None, repr=False)
+    temporal_tls: bool = False
+    temporal_tls_client_cert: Path | None = None
+    temporal_tls_client_key: Path | None = None
+    temporal_tls_server_ca_cert: Path | None = None
     # The origins (scheme://host:port) of Temporal UIs allowed to call the codec server.
     codec_cors_origins: tuple[str, ...] = ()
 
@@ -138,6 +149,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         ),
         payload_keys=payload_keys,
         payload_keys_source=payload_keys_source,
+        **_temporal_security(env),
         payload_encryption=_switch(SWITCH_VARIABLE, env.get(SWITCH_VARIABLE), default=True),
         codec_cors_origins=_origins(
             "SEQUENCER_CODEC_CORS_ORIGINS", env.get("SEQUENCER_CODEC_CORS_ORIGINS", "")
@@ -232,6 +244,30 @@ def _interval(name: str, value: str | None, default: timedelta) -> timedelta:
     if interval <= timedelta(0):
         raise ValueError(f"{name}: {value!r} is not positive; use a duration such as 15m")
     return interval
+
+
+def _temporal_security(env: Mapping[str, str]) -> dict[str, Any]:
+    def path(name: str) -> Path | None:
+        value = env.get(name, "").strip()
+        return Path(value).expanduser() if value else None
+
+    api_key = env.get("TEMPORAL_API_KEY", "").strip() or None
+    client_cert = path("TEMPORAL_TLS_CLIENT_CERT_PATH")
+    client_key = path("TEMPORAL_TLS_CLIENT_KEY_PATH")
+    if (client_cert is None) != (client_key is None):
+        raise ValueError(
+            "TEMPORAL_TLS_CLIENT_CERT_PATH and TEMPORAL_TLS_CLIENT_KEY_PATH go together: set "
+            "both for mutual TLS, or neither"
+        )
+    server_ca = path("TEMPORAL_TLS_SERVER_CA_CERT_PATH")
+    implied = api_key is not None or client_cert is not None or server_ca is not None
+    return {
+        "temporal_api_key": api_key,
+        "temporal_tls": _switch("TEMPORAL_TLS", env.get("TEMPORAL_TLS"), default=implied),
+        "temporal_tls_client_cert": client_cert,
+        "temporal_tls_client_key": client_key,
+        "temporal_tls_server_ca_cert": server_ca,
+    }
 
 
 def _flag(name: str, value: str | None) -> bool:

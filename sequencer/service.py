@@ -73,7 +73,7 @@ from sequencer.models import (
     workflow_id_for,
 )
 from sequencer.storage import CampaignStats, EnrollmentRow, NotFoundError, Store, TaskRow
-from sequencer.temporal import connect
+from sequencer.temporal import connect_to
 from sequencer.webhooks import InvitationEvent, WebhookRejected
 from workflows.lead_machine import LeadSequence, plan_from_steps
 from workflows.lead_sequence import (
@@ -159,11 +159,9 @@ class Sequencer:
     async def client(self) -> Client:
         if self._client is None:
             try:
-                self._client = await connect(
-                    self.settings.temporal_address,
-                    self.settings.temporal_namespace,
-                    codec_for(self.settings),
-                )
+                self._client = await connect_to(self.settings, codec_for(self.settings))
+            except ValueError as error:
+                raise ServiceError(str(error)) from None
             except RuntimeError as error:
                 raise ServiceError(
                     f"cannot reach the Temporal server at {self.settings.temporal_address} "

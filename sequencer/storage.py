@@ -320,10 +320,17 @@ class Store:
 
     def __init__(self, url: str) -> None:
         self.url = url
-        self.engine: Engine = create_engine(url, future=True)
+        # preserve_rowcount: without it psycopg 3 reports -1 rows for an INSERT without
+        # RETURNING (SQLAlchemy issue 10696), and the idempotent writes count on that number.
+        self.engine: Engine = create_engine(
+            url, future=True, execution_options={"preserve_rowcount": True}
+        )
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        # Imported here: the migrations import this module's tables.
+        from sequencer.schema import upgrade
+
+        upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

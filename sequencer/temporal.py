@@ -33,11 +33,12 @@ from temporalio.runtime import (
     TelemetryConfig,
     TelemetryFilter,
 )
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError, RPCStatusCode, TLSConfig
 from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.account_slots import AccountSlotActivities
+from sequencer.config import Settings
 from sequencer.models import SEARCH_ATTRIBUTES
 from workflows.lead_sequence import LeadSequenceWorkflow
 from workflows.mailbox import MailboxWorkflow
@@ -85,17 +86,68 @@ def data_converter(payload_codec: PayloadCodec | None) -> DataConverter:
 
 
 async def connect(
-    address: str, namespace: str = "default", payload_codec: PayloadCodec | None = None
+    address: str,
+    namespace: str = "default",
+    payload_codec: PayloadCodec | None = None,
+    *,
+    tls: TLSConfig | bool = False,
+    api_key: str | None = None,
 ) -> Client:
     """Connect to Temporal with the pydantic data converter and `payload_codec`.
 
     Every client and worker of the product connects here, with the codec that
     `sequencer.codec.codec_for(settings)` returns, so they all read and write the same
-    encrypted payloads.
+    encrypted payloads. `tls` and `api_key` are for a server outside this machine; see
+    `connect_to(settings)`.
     """
     return await Client.connect(
-        address, namespace=namespace, data_converter=data_converter(payload_codec)
+        address,
+        namespace=namespace,
+        data_converter=data_converter(payload_codec),
+        tls=tls,
+        api_key=api_key,
     )
+
+
+async def connect_to(settings: Settings, payload_codec: PayloadCodec | None = None) -> Client:
+    """Connect to the Temporal server of the settings, with their TLS and API key."""
+    return await connect(
+        settings.temporal_address,
+        settings.temporal_namespace,
+        payload_codec,
+        **client_security(settings),
+    )
+
+
+def client_security(settings: Settings) -> dict[str, Any]:
+    """Return the `tls` and `api_key` arguments of `connect` for the settings.
+
+    Raises ValueError naming the variable when a certificate or key file cannot be read.
+    """
+    if not settings.temporal_tls:
+        if settings.temporal_api_key:
+            raise ValueError(
+                "TEMPORAL_API_KEY is set but TEMPORAL_TLS is off: the key would cross the "
+                "network in clear text. Turn TLS on, or unset the key"
+            )
+        return {"tls": False, "api_key": None}
+
+    def read(variable: str, path: Path | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return path.read_bytes()
+        except OSError as error:
+            raise ValueError(f"{variable}={path}: cannot read it ({error.strerror})") from None
+
+    config = TLSConfig(
+        server_root_ca_cert=read(
+            "TEMPORAL_TLS_SERVER_CA_CERT_PATH", settings.temporal_tls_server_ca_cert
+        ),
+        client_cert=read("TEMPORAL_TLS_CLIENT_CERT_PATH", settings.temporal_tls_client_cert),
+        client_private_key=read("TEMPORAL_TLS_CLIENT_KEY_PATH", settings.temporal_tls_client_key),
+    )
+    return {"tls": config, "api_key": settings.temporal_api_key}
 
 
 def find_binary(name: str) -> Path:

@@ -19,6 +19,8 @@ from sequencer.models import SEARCH_ATTRIBUTES
 from sequencer.temporal import find_binary, register_search_attributes
 
 REPO = Path(__file__).resolve().parents[1]
+# The PostgreSQL server and the `database_url` fixture of the store's tests.
+pytest_plugins = ["tests.postgres"]
 
 # Keep every test's data, and that of the commands the tests run, out of the user's own data
 # directory. Tests that start a stack set their own SEQUENCER_HOME on top of this.

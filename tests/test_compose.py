@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -174,6 +176,20 @@ def test_startup_order(services: dict) -> None:
     assert condition("worker", "temporal") == "service_healthy"
     assert condition("worker", "postgresql") == "service_healthy"
     assert condition("worker", "temporal-namespace-setup") == "service_completed_successfully"
+    assert condition("migrate", "postgresql") == "service_healthy"
+    assert condition("worker", "migrate") == "service_completed_successfully"
+    assert condition("api", "migrate") == "service_completed_successfully"
+
+
+def test_migrate_job_upgrades_the_workers_database(services: dict) -> None:
+    """The schema job migrates the very database that the worker and the API open."""
+    migrate = services["migrate"]
+
+    assert migrate["command"] == ["sequencer", "db", "upgrade"]
+    assert migrate["build"] == services["worker"]["build"]
+    url = migrate["environment"]["DATABASE_URL"]
+    assert url == services["worker"]["environment"]["DATABASE_URL"]
+    assert url == services["api"]["environment"]["DATABASE_URL"]
 
 
 def test_postgresql_volume_and_healthcheck(compose: dict, services: dict) -> None:
@@ -345,6 +361,28 @@ def test_dockerfile_builds_non_root_worker() -> None:
     assert users, "the Dockerfile never switches away from root"
     assert users[-1] not in ("root", "0"), users[-1]
     assert instructions[-1] == 'CMD ["python", "worker.py"]'
+
+
+def test_image_install_includes_migrations(tmp_path: Path) -> None:
+    """The image installs the project as a wheel (no checkout on sys.path for the `sequencer`
+    command), so the wheel must carry Alembic's migrations and their template."""
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    [wheel] = tmp_path.glob("*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+
+    migrations = sorted(
+        p.name for p in (ROOT / "sequencer" / "migrations" / "versions").glob("*.py")
+    )
+    assert migrations
+    for name in migrations:
+        assert f"sequencer/migrations/versions/{name}" in names
+    assert "sequencer/migrations/env.py" in names
+    assert "sequencer/migrations/script.py.mako" in names
 
 
 def test_dockerignore_excludes_secrets() -> None:

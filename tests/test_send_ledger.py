@@ -46,8 +46,9 @@ from tests.test_email_channel import (
 
 
 @pytest.fixture
-def store(tmp_path: Path):
-    store = Store(f"sqlite:///{tmp_path / 'sequencer.db'}")
+def store(database_url: str):
+    """A store on SQLite, then on PostgreSQL."""
+    store = Store(database_url)
     yield store
     store.close()
 

@@ -10,8 +10,12 @@ from datetime import timedelta
 from pathlib import Path
 
 import pytest
+from temporalio.service import TLSConfig
 
 from sequencer.config import SANDBOX_IMAP_PASSWORD, load_settings
+from sequencer.temporal import client_security
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def settings_for(tmp_path: Path, **variables: str):
@@ -121,3 +125,94 @@ def test_cli_rejects_file_without_headers(tmp_path):
 
     assert result.returncode == 1
     assert "is not an email message" in " ".join(result.stderr.split())
+
+
+def test_temporal_security_off_by_default():
+    settings = load_settings({"SEQUENCER_HOME": "/tmp/sequencer-settings-test"})
+
+    assert client_security(settings) == {"tls": False, "api_key": None}
+
+
+def test_temporal_api_key_turns_tls_on():
+    settings = load_settings(
+        {"SEQUENCER_HOME": "/tmp/sequencer-settings-test", "TEMPORAL_API_KEY": "cloud-key"}
+    )
+
+    security = client_security(settings)
+    assert isinstance(security["tls"], TLSConfig)
+    assert security["api_key"] == "cloud-key"
+    assert "cloud-key" not in repr(settings)
+
+
+def test_temporal_mutual_tls_reads_files(tmp_path):
+    (tmp_path / "client.pem").write_bytes(b"CERT")
+    (tmp_path / "client.key").write_bytes(b"KEY")
+    settings = load_settings(
+        {
+            "SEQUENCER_HOME": str(tmp_path),
+            "TEMPORAL_TLS_CLIENT_CERT_PATH": str(tmp_path / "client.pem"),
+            "TEMPORAL_TLS_CLIENT_KEY_PATH": str(tmp_path / "client.key"),
+        }
+    )
+
+    tls = client_security(settings)["tls"]
+    assert tls.client_cert == b"CERT"
+    assert tls.client_private_key == b"KEY"
+    assert tls.server_root_ca_cert is None
+
+
+def test_temporal_client_cert_without_key():
+    with pytest.raises(ValueError, match="TEMPORAL_TLS_CLIENT_KEY_PATH go together"):
+        load_settings(
+            {
+                "SEQUENCER_HOME": "/tmp/sequencer-settings-test",
+                "TEMPORAL_TLS_CLIENT_CERT_PATH": "/etc/client.pem",
+            }
+        )
+
+
+def test_temporal_unreadable_certificate(tmp_path):
+    settings = load_settings(
+        {
+            "SEQUENCER_HOME": str(tmp_path),
+            "TEMPORAL_TLS_SERVER_CA_CERT_PATH": str(tmp_path / "missing-ca.pem"),
+        }
+    )
+
+    with pytest.raises(ValueError, match="TEMPORAL_TLS_SERVER_CA_CERT_PATH=.*missing-ca.pem"):
+        client_security(settings)
+
+
+def test_temporal_api_key_without_tls_is_rejected():
+    settings = load_settings(
+        {
+            "SEQUENCER_HOME": "/tmp/sequencer-settings-test",
+            "TEMPORAL_API_KEY": "cloud-key",
+            "TEMPORAL_TLS": "off",
+        }
+    )
+
+    with pytest.raises(ValueError, match="TEMPORAL_API_KEY is set but TEMPORAL_TLS is off"):
+        client_security(settings)
+
+
+def test_worker_rejects_api_key_without_tls(tmp_path):
+    environment = {
+        **os.environ,
+        "SEQUENCER_HOME": str(tmp_path),
+        "SEQUENCER_PAYLOAD_ENCRYPTION": "off",
+        "TEMPORAL_API_KEY": "cloud-key",
+        "TEMPORAL_TLS": "off",
+    }
+
+    result = subprocess.run(
+        [sys.executable, str(REPO / "worker.py")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert result.returncode == 1
+    assert "Invalid setting: TEMPORAL_API_KEY is set but TEMPORAL_TLS is off" in result.stderr
+    assert "cloud-key" not in result.stderr

@@ -25,8 +25,9 @@ CAMPAIGN = parse_campaign(
 
 
 @pytest.fixture
-def store(tmp_path):
-    result = Store(f"sqlite:///{tmp_path / 'sequencer.db'}")
+def store(database_url):
+    """A store on SQLite, then on PostgreSQL."""
+    result = Store(database_url)
     result.save_campaign(CAMPAIGN)
     yield result
     result.close()
