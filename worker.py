@@ -1,6 +1,7 @@
 """The Sequencer worker: runs lead workflows and their channel activities.
 
-    python worker.py
+    python worker.py             # run the worker
+    python worker.py --health    # exit 0 when the running worker reported in the last minute
 
 Connects to TEMPORAL_ADDRESS (default 127.0.0.1:7233) and writes to DATABASE_URL (default a
 SQLite file under SEQUENCER_HOME). Refuses to start without a payload encryption key
@@ -14,10 +15,14 @@ import asyncio
 import logging
 import os
 import signal
+import sys
+import time
 from contextlib import AsyncExitStack
 from datetime import timedelta
+from pathlib import Path
 
 from temporalio.client import Client
+from temporalio.service import RPCError
 from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
@@ -45,6 +50,13 @@ from sequencer.temporal import (
 )
 
 logger = logging.getLogger("sequencer.worker")
+
+# While it runs, the worker rewrites this file in SEQUENCER_HOME every ALIVE_INTERVAL, as long
+# as the Temporal server answers its health check. `python worker.py --health` (the compose
+# file's health check) fails when the file is older than ALIVE_MAX_AGE.
+ALIVE_FILE = "worker-alive"
+ALIVE_INTERVAL = 10.0
+ALIVE_MAX_AGE = 60.0
 
 
 def build_worker(
@@ -130,9 +142,39 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         worker = build_worker(client, settings, store, linkedin, accounts, service)
         logger.info("Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address)
         async with worker:
+            alive = asyncio.create_task(report_alive(client, settings.home / ALIVE_FILE))
             await stop.wait()
+            alive.cancel()
         logger.info("Worker stopped")
     store.close()
+
+
+async def report_alive(client: Client, path: Path) -> None:
+    """Rewrite `path` every ALIVE_INTERVAL while the Temporal server answers its health check."""
+    while True:
+        try:
+            if await client.service_client.check_health(timeout=timedelta(seconds=5)):
+                path.write_text(f"{time.time():.0f}\n")
+            else:
+                logger.warning("The Temporal server reports itself unhealthy")
+        except RPCError as error:
+            logger.warning("Health check of the Temporal server failed: %s", error)
+        await asyncio.sleep(ALIVE_INTERVAL)
+
+
+def check_alive(home: Path, now: float | None = None) -> str | None:
+    """Return why the worker of `home` looks dead, or None when it reported in time."""
+    path = home / ALIVE_FILE
+    try:
+        age = (time.time() if now is None else now) - path.stat().st_mtime
+    except FileNotFoundError:
+        return f"{path} does not exist: the worker has not connected to Temporal yet"
+    if age > ALIVE_MAX_AGE:
+        return (
+            f"{path} is {age:.0f} s old (limit {ALIVE_MAX_AGE:.0f} s): the worker stopped, or "
+            "cannot reach the Temporal server; see its log"
+        )
+    return None
 
 
 def log_payload_encryption(settings: Settings, codec: EncryptionCodec | None) -> None:
@@ -157,6 +199,10 @@ def main() -> None:
     except ValueError as error:
         logger.error("Invalid setting: %s", error)
         exit_without_teardown(1)
+    if sys.argv[1:] == ["--health"]:
+        problem = check_alive(settings.home)
+        print(problem or "worker alive", file=sys.stderr if problem else sys.stdout)
+        exit_without_teardown(1 if problem else 0)
     try:
         require_payload_keys(settings)
         client_security(settings)

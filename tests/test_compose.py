@@ -264,6 +264,15 @@ def test_worker_service(services: dict) -> None:
     # `docker compose up --scale worker=N` fails on a fixed container name or host port.
     assert "container_name" not in worker
     assert "ports" not in worker
+    # The health check runs worker.py's own check, whose limit the interval must fit in.
+    healthcheck = worker["healthcheck"]
+    assert healthcheck["test"] == ["CMD", "python", "worker.py", "--health"]
+    assert _seconds(healthcheck["interval"]) < 60
+
+
+def _seconds(value: str) -> int:
+    number, unit = int(value[:-1]), value[-1]
+    return number * {"s": 1, "m": 60}[unit]
 
 
 def test_build_context_and_mounts_exist(services: dict) -> None:

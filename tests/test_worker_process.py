@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,51 @@ async def test_worker_runs_campaign_alone(dev_server, tmp_path):
     output = (tmp_path / "worker.log").read_text()
     assert code == 0, output
     assert "Worker stopped" in output
+
+
+def health(home) -> subprocess.CompletedProcess[str]:
+    environment = {**os.environ, "SEQUENCER_HOME": str(home)}
+    return subprocess.run(
+        [sys.executable, str(REPO / "worker.py"), "--health"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_worker_health_check(dev_server, tmp_path):
+    home = tmp_path / "home"
+    env = {
+        **os.environ,
+        "SEQUENCER_HOME": str(home),
+        "TEMPORAL_ADDRESS": dev_server.client.service_client.config.target_host,
+        "SEQUENCER_PAYLOAD_ENCRYPTION": "off",
+    }
+    env.pop("DATABASE_URL", None)
+    before = health(home)
+    with (tmp_path / "worker.log").open("w") as log:
+        worker = subprocess.Popen(
+            [sys.executable, str(REPO / "worker.py")], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+    try:
+        for _ in range(120):
+            if (home / "worker-alive").exists():
+                break
+            assert worker.poll() is None, (tmp_path / "worker.log").read_text()
+            await asyncio.sleep(0.5)
+        running = health(home)
+    finally:
+        worker.terminate()
+        worker.wait(60)
+    # A worker that stopped writing a minute ago is reported dead.
+    stale = time.time() - 120
+    os.utime(home / "worker-alive", (stale, stale))
+    after = health(home)
+
+    assert before.returncode == 1
+    assert "has not connected to Temporal yet" in before.stderr
+    assert running.returncode == 0, running.stderr
+    assert "worker alive" in running.stdout
+    assert after.returncode == 1
+    assert "s old (limit 60 s)" in after.stderr
