@@ -52,7 +52,7 @@ from sequencer.temporal import (
 logger = logging.getLogger("sequencer.worker")
 
 # While it runs, the worker rewrites this file in SEQUENCER_HOME every ALIVE_INTERVAL, as long
-# as the Temporal server answers its health check. `python worker.py --health` (the compose
+# as the Temporal server passes its health check. `python worker.py --health` (the compose
 # file's health check) fails when the file is older than ALIVE_MAX_AGE.
 ALIVE_FILE = "worker-alive"
 ALIVE_INTERVAL = 10.0
@@ -150,7 +150,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
 
 
 async def report_alive(client: Client, path: Path) -> None:
-    """Rewrite `path` every ALIVE_INTERVAL while the Temporal server answers its health check."""
+    """Rewrite `path` every ALIVE_INTERVAL while the Temporal server passes its health check."""
     while True:
         try:
             if await client.service_client.check_health(timeout=timedelta(seconds=5)):
