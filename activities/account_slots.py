@@ -29,7 +29,12 @@ from sequencer.models import (
     SlotGrant,
     SlotRequest,
 )
-from workflows.sender_account import AccountState, SenderAccountWorkflow, account_workflow_id
+from workflows.sender_account import (
+    AccountState,
+    SenderAccountWorkflow,
+    account_workflow_id,
+    accounts_queue,
+)
 
 T = TypeVar("T")
 
@@ -156,7 +161,7 @@ class AccountSlotActivities:
             SenderAccountWorkflow.run,
             AccountState(account=account),
             id=workflow_id,
-            task_queue=task_queue,
+            task_queue=accounts_queue(task_queue),
             id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
             static_summary=f"Sender account {account.id}",
         )

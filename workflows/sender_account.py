@@ -58,6 +58,11 @@ def account_workflow_id(account_id: str, task_queue: str = TASK_QUEUE) -> str:
     return base if task_queue == TASK_QUEUE else f"{task_queue}/{base}"
 
 
+def accounts_queue(task_queue: str) -> str:
+    """Return the task queue of the account workflows that the leads of `task_queue` use."""
+    return f"{task_queue}-accounts"
+
+
 class Slot(BaseModel):
     at: datetime
     kind: str
