@@ -460,9 +460,10 @@ def memory_section(memory: Memory) -> list[str]:
     lines = [
         "## Memory: the worker process with leads asleep on timers",
         "",
-        "The production worker (`python worker.py`, a process of its own) while every lead "
-        "sleeps until its campaign's sending window opens, three days later. Resident memory "
-        "after all of them wrote their log and went to sleep, and the peak so far.",
+        "The production worker (`python worker.py`, a process of its own, with its default "
+        "workflow cache of 250) while every lead sleeps until its campaign's sending window "
+        "opens, three days later. Resident memory after all of them wrote their log and went "
+        "to sleep, and the peak so far.",
         "",
         "| leads asleep | resident (MB) | peak (MB) |",
         "|---:|---:|---:|",
@@ -583,7 +584,17 @@ async def main(arguments: list[str] | None = None) -> None:
                     file=sys.stderr,
                 )
             throughput[count] = (engine_runs, baseline_runs)
+        command = "python -m bench " + " ".join(
+            arguments if arguments is not None else sys.argv[1:]
+        )
+        machine = machine_description()
         extra: list[str] = []
+
+        def write() -> None:
+            # Written after each benchmark, so that a run stopped early keeps what it measured.
+            options.output.write_text(report(machine, command.strip(), throughput, extra))
+
+        write()
         if options.reaction:
             folder = Path(scratch) / "reaction"
             (folder / "engine").mkdir(parents=True)
@@ -598,16 +609,17 @@ async def main(arguments: list[str] | None = None) -> None:
                 file=sys.stderr,
             )
             extra += reaction_section(engine_reaction, baseline_reaction)
+            write()
         if options.sleeping:
             folder = Path(scratch) / "sleeping"
             folder.mkdir()
             extra += memory_section(await sleeping_memory(DevServer, folder, options.sleeping))
+            write()
         if options.import_rows:
             folder = Path(scratch) / "import"
             folder.mkdir()
             result = await import_rate(DevServer, folder, options.import_rows)
             print(f"import: {result}", file=sys.stderr)
             extra += import_section(result)
-    command = "python -m bench " + " ".join(arguments if arguments is not None else sys.argv[1:])
-    options.output.write_text(report(machine_description(), command.strip(), throughput, extra))
+            write()
     print(f"wrote {options.output}", file=sys.stderr)

@@ -375,13 +375,20 @@ def test_dockerfile_builds_non_root_worker() -> None:
 def test_image_install_includes_migrations(tmp_path: Path) -> None:
     """The image installs the project as a wheel (no checkout on sys.path for the `sequencer`
     command), so the wheel must carry Alembic's migrations and their template."""
+    # Built from a copy: setuptools leaves a build/ folder in the tree it builds.
+    source = tmp_path / "source"
+    for name in ("sequencer", "workflows", "activities"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "worker.py"):
+        shutil.copy(ROOT / name, source / name)
+    wheels = tmp_path / "wheels"
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "-q", "-w", str(tmp_path)],
+        [sys.executable, "-m", "pip", "wheel", str(source), "--no-deps", "-q", "-w", str(wheels)],
         check=True,
         capture_output=True,
         timeout=300,
     )
-    [wheel] = tmp_path.glob("*.whl")
+    [wheel] = wheels.glob("*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
 
     migrations = sorted(

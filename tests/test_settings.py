@@ -216,3 +216,17 @@ def test_worker_rejects_api_key_without_tls(tmp_path):
     assert result.returncode == 1
     assert "Invalid setting: TEMPORAL_API_KEY is set but TEMPORAL_TLS is off" in result.stderr
     assert "cloud-key" not in result.stderr
+
+
+def test_workflow_cache_size_setting():
+    default = load_settings({"SEQUENCER_HOME": "/tmp/sequencer-settings-test"})
+    chosen = load_settings(
+        {"SEQUENCER_HOME": "/tmp/sequencer-settings-test", "SEQUENCER_WORKFLOW_CACHE_SIZE": "40"}
+    )
+
+    assert default.workflow_cache_size == 250
+    assert chosen.workflow_cache_size == 40
+    with pytest.raises(ValueError, match="SEQUENCER_WORKFLOW_CACHE_SIZE: '0'"):
+        load_settings(
+            {"SEQUENCER_HOME": "/tmp/sequencer-settings-test", "SEQUENCER_WORKFLOW_CACHE_SIZE": "0"}
+        )
