@@ -419,10 +419,11 @@ async def test_reassign_moves_a_paused_lead_to_another_sender(time_skipping_env)
         handle = await run.start(campaign(email()), lead())
         await until(handle, lambda r: r.status == "paused", "the lead pauses")
         # Operators find the leads waiting on an account with these two search attributes.
-        assert await attributes(handle) == {
-            "SequencerAccount": "email:rep@acme.test",
-            "SequencerStage": "paused-account",
-        }
+        # The lead sets them after writing its log, a moment after the query shows the pause.
+        await until_attributes(
+            handle,
+            {"SequencerAccount": "email:rep@acme.test", "SequencerStage": "paused-account"},
+        )
         with pytest.raises(WorkflowUpdateFailedError) as refused:
             await handle.execute_update(
                 LeadSequenceWorkflow.reassign,
