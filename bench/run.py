@@ -180,6 +180,19 @@ def process_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+async def enroll(client: Client, store: Store, campaign: Campaign, lead: Lead) -> None:
+    """Enroll one lead as a launch does: write its enrollment row, then start its workflow."""
+    workflow_id = workflow_id_for(campaign.id, lead.key)
+    store.add_enrollment(workflow_id, campaign.id, lead)
+    await _start_lead(
+        client,
+        EnrollmentInput(campaign=campaign, lead=lead),
+        workflow_id,
+        WorkflowIDReusePolicy.REJECT_DUPLICATE,
+        1,
+    )
+
+
 class CpuClock:
     """CPU seconds used by this process (the worker) and the dev server since it was made."""
 
@@ -278,14 +291,7 @@ async def run_engine(folder: Path, count: int) -> Run:
         async with worker:
 
             async def start(number: int) -> None:
-                store.add_enrollment(ids[number], campaign.id, people[number])
-                await _start_lead(
-                    client,
-                    EnrollmentInput(campaign=campaign, lead=people[number]),
-                    ids[number],
-                    WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    1,
-                )
+                await enroll(client, store, campaign, people[number])
 
             began, cpu = time.monotonic(), CpuClock(server)
             await start_all(count, start)

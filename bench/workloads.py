@@ -20,7 +20,6 @@ from sqlalchemy import create_engine, text
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
-from temporalio.common import WorkflowIDReusePolicy
 from temporalio.worker import Worker
 
 from activities.records import StoreActivities
@@ -29,8 +28,8 @@ from bench.baseline import BaselineLead, BaselinePlan
 from sequencer.campaign import Campaign, parse_campaign
 from sequencer.codec import EncryptionCodec, generate_key_entry, parse_keys
 from sequencer.config import load_settings
-from sequencer.models import TASK_QUEUE, EnrollmentInput, LateFailure, workflow_id_for
-from sequencer.service import START_CONCURRENCY, Sequencer, _start_lead
+from sequencer.models import TASK_QUEUE, LateFailure, workflow_id_for
+from sequencer.service import START_CONCURRENCY, Sequencer
 from sequencer.simulate import SimulatedChannels
 from sequencer.storage import Store
 from sequencer.temporal import cache_bytecode, lead_worker, workflow_runner
@@ -143,7 +142,7 @@ async def _delays(client: Client, sent: dict[str, float]) -> list[float]:
 
 
 async def reaction_engine(server_factory, folder: Path, count: int) -> Reaction:
-    from bench.run import leads, production_codec, start_all
+    from bench.run import enroll, leads, production_codec, start_all
 
     async with server_factory(folder, production_codec()) as client:
         store = Store(f"sqlite:///{folder / 'sequencer.db'}")
@@ -161,14 +160,7 @@ async def reaction_engine(server_factory, folder: Path, count: int) -> Reaction:
         async with worker:
 
             async def start(number: int) -> None:
-                store.add_enrollment(ids[number], campaign.id, people[number])
-                await _start_lead(
-                    client,
-                    EnrollmentInput(campaign=campaign, lead=people[number]),
-                    ids[number],
-                    WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                    1,
-                )
+                await enroll(client, store, campaign, people[number])
 
             await start_all(count, start)
             # Every lead has sent its first email and sleeps before the second.
@@ -289,7 +281,7 @@ def _logged_leads(database: Path) -> int:
 
 
 async def sleeping_memory(server_factory, folder: Path, counts: list[int]) -> Memory:
-    from bench.run import leads, start_all
+    from bench.run import enroll, leads, start_all
 
     key = generate_key_entry("bench")
     codec = EncryptionCodec(parse_keys(key, "bench"), source="bench")
@@ -322,20 +314,11 @@ async def sleeping_memory(server_factory, folder: Path, counts: list[int]) -> Me
             store = Store(f"sqlite:///{database}")
             campaign = sleeping_campaign(f"sleep-{uuid.uuid4().hex[:8]}")
             people = leads(max(counts))
-            ids = [workflow_id_for(campaign.id, lead.key) for lead in people]
             started = 0
             for target in sorted(counts):
 
                 async def start(number: int, offset: int = started) -> None:
-                    number += offset
-                    store.add_enrollment(ids[number], campaign.id, people[number])
-                    await _start_lead(
-                        client,
-                        EnrollmentInput(campaign=campaign, lead=people[number]),
-                        ids[number],
-                        WorkflowIDReusePolicy.REJECT_DUPLICATE,
-                        1,
-                    )
+                    await enroll(client, store, campaign, people[number + offset])
 
                 await start_all(target - started, start)
                 started = target

@@ -491,7 +491,9 @@ class LeadSequenceWorkflow:
         if not self._interruptions or campaign.max_new_leads_per_day is None:
             return
         account = AccountRef(id=f"campaign:{campaign.id}", channel="campaign", check_interval=None)
-        grant = await self._book(account, 0, "start", campaign.max_new_leads_per_day, None)
+        grant = await self._book(
+            self._slot_request(account, 0, "start", campaign.max_new_leads_per_day, None)
+        )
         if grant.granted and grant.at is not None and grant.at > workflow.now():
             self._machine.delay_start(
                 grant.at,
@@ -510,7 +512,7 @@ class LeadSequenceWorkflow:
         booking: SlotRequest | None = None
         if account is not None:
             if self._at_rest_only and self._valid_booking(number, account) is None:
-                booking = self._slot_request(account, number, step.type)
+                booking = self._slot_request(account, number, step.type, *self._limits(step.type))
             elif not await self._take_slot(number, step.type, account):
                 return
         earlier = [
@@ -633,7 +635,7 @@ class LeadSequenceWorkflow:
         booked = self._valid_booking(number, account)
         if booked is None:
             cap, spacing = self._limits(step_type)
-            grant = await self._book(account, number, step_type, cap, spacing)
+            grant = await self._book(self._slot_request(account, number, step_type, cap, spacing))
             return self._take_grant(number, step_type, account, grant)
         return self._wait_for_slot(step_type, account, booked)
 
@@ -687,35 +689,23 @@ class LeadSequenceWorkflow:
             machine.next_due = booked[2]
         return False
 
-    def _slot_request(self, account: AccountRef, number: int, step_type: str) -> SlotRequest:
-        cap, spacing = self._limits(step_type)
+    @staticmethod
+    def _slot_request(
+        account: AccountRef, number: int, kind: str, cap: int | None, spacing: timedelta | None
+    ) -> SlotRequest:
         return SlotRequest(
             account=account,
             workflow_id=workflow.info().workflow_id,
             step=number,
-            kind=step_type,
+            kind=kind,
             cap=cap,
             spacing=spacing or timedelta(0),
         )
 
-    async def _book(
-        self,
-        account: AccountRef,
-        number: int,
-        kind: str,
-        cap: int | None,
-        spacing: timedelta | None,
-    ) -> SlotGrant:
+    async def _book(self, request: SlotRequest) -> SlotGrant:
         return await workflow.execute_activity(
             "reserve_slot",
-            SlotRequest(
-                account=account,
-                workflow_id=workflow.info().workflow_id,
-                step=number,
-                kind=kind,
-                cap=cap,
-                spacing=spacing or timedelta(0),
-            ),
+            request,
             result_type=SlotGrant,
             # A booking may queue on the worker behind others for the same account: it
             # heartbeats while it waits, so a dead worker is still noticed within the
@@ -723,7 +713,7 @@ class LeadSequenceWorkflow:
             start_to_close_timeout=timedelta(minutes=10),
             heartbeat_timeout=timedelta(seconds=30),
             retry_policy=SLOT_RETRY,
-            summary=f"book a slot for one {kind.replace('_', ' ')} on {account.id}",
+            summary=f"book a slot for one {request.kind.replace('_', ' ')} on {request.account.id}",
         )
 
     async def _account_interrupted(self, account: AccountRef | None, message: str) -> None:
