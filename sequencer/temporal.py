@@ -324,10 +324,10 @@ def lead_worker(
         workflow_runner=runner,
         **options,
     )
-    # The account workflows run on a queue of their own, with a workflow cache of their own:
-    # on the leads' queue, 10,000 leads starting together pushed an account out of the cache,
-    # and each of its tasks then waited behind the leads' and replayed its whole history
-    # (16 s for one task at 1,750 events).
+    # The account workflows run on a queue of their own, with a workflow cache of their own.
+    # On the leads' queue, 10,000 leads starting together pushed an account out of the cache.
+    # Each of its tasks then waited behind the leads' and replayed its whole history (16 s
+    # for one task at 1,750 events).
     accounts = Worker(
         client,
         task_queue=accounts_queue(task_queue),

@@ -32,9 +32,9 @@ async def test_bench_writes_report(tmp_path: Path) -> None:
         and len(cells := [c.strip() for c in line.strip("|").split("|")]) == 3
         and cells[1].replace(".", "").isdigit()
     }
-    # Per step of a lead that never waits: its channel activity (which books the slot first)
-    # and, once per lead, one log write at the end; search attributes set at the start and at
-    # the end (the patch's version and the final status).
+    # Per step of a lead that never waits, the engine runs its channel activity, which books
+    # the slot first, and once per lead one log write at the end. It upserts search attributes
+    # twice per lead: the patch's version at the start and the final status at the end.
     assert counts["activity"] == (1.2, 1.0)
     assert counts["search attribute update"] == (0.4, 0.0)
     assert counts["update (sender accounts)"] == (0.8, 0.0)
@@ -43,6 +43,7 @@ async def test_bench_writes_report(tmp_path: Path) -> None:
     p50, p99, longest = (float(cell) for cell in engine_reaction.strip("|").split("|")[1:4])
     assert 0 < p50 <= p99 <= longest
     # The worker's memory was read at both counts of sleeping leads.
-    assert "| 5 | " in report and "| 10 | " in report
+    assert "| 5 | " in report
+    assert "| 10 | " in report
     launch = next(line for line in report.splitlines() if line.startswith("| launch |"))
     assert float(launch.strip("|").split("|")[2]) > 0

@@ -503,7 +503,7 @@ def _naive_next_free(slots, now, kind, cap, spacing):
         return at, reason
 
 
-def test_slot_book_books_as_a_scan_of_every_slot_would():
+def test_slot_book_matches_plain_scan():
     """Random bookings, releases, prunes and packs (as at continue-as-new) give the same
     slots as the obvious scan over every booked send."""
     generator = random.Random(7)
