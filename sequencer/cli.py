@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from email.parser import BytesHeaderParser
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from temporalio.service import RPCError
 
@@ -876,20 +879,13 @@ def db_upgrade() -> None:
     """Bring the database's schema to the latest revision. The worker, the API and every
     command do it too when they open the database, so this is for a deploy step that runs
     before them."""
-    from sqlalchemy import create_engine
-
     from sequencer.schema import SchemaError, head_revision, upgrade
 
-    settings = _settings()
-    engine = create_engine(settings.database_url)
-    try:
-        before = upgrade(engine)
-    except SchemaError as error:
-        _fail(str(error))
-    except OperationalError as error:
-        _fail(_unreachable_database(settings, error))
-    finally:
-        engine.dispose()
+    with _database() as engine:
+        try:
+            before = upgrade(engine)
+        except SchemaError as error:
+            _fail(str(error))
     head = head_revision()
     if before == head:
         console.print(f"The database is at the latest schema revision, {head}: nothing to do")
@@ -900,30 +896,42 @@ def db_upgrade() -> None:
 @db_app.command("status")
 def db_status() -> None:
     """Print the database's schema revision and the latest one; exit with 1 when they differ."""
-    from sqlalchemy import create_engine
-
     from sequencer.schema import current_revision, head_revision
 
-    settings = _settings()
-    engine = create_engine(settings.database_url)
-    try:
+    with _database() as engine:
         current = current_revision(engine)
-    except OperationalError as error:
-        _fail(_unreachable_database(settings, error))
-    finally:
-        engine.dispose()
     head = head_revision()
     console.print(f"schema revision: {current or 'none'} (latest: {head})")
     if current != head:
         _fail("the database is not at the latest revision: run `sequencer db upgrade`")
 
 
-def _unreachable_database(settings: Settings, error: OperationalError) -> str:
+@contextmanager
+def _database() -> Iterator[Engine]:
+    """Yield an engine on DATABASE_URL; exit with one line when the URL is invalid or the
+    database cannot be opened."""
+    from sqlalchemy import create_engine
     from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
 
-    url = make_url(settings.database_url).render_as_string(hide_password=True)
-    reason = " ".join(str(error.orig).split())
-    return f"cannot open the database {url}: {reason}. Check DATABASE_URL"
+    url = _settings().database_url
+    try:
+        shown = make_url(url).render_as_string(hide_password=True)
+        engine = create_engine(url)
+    except ArgumentError as error:
+        # Only the scheme is shown, because the rest of the URL may carry a password.
+        scheme = url.partition("://")[0]
+        _fail(
+            f"invalid DATABASE_URL (scheme {scheme!r}): {error}. Use sqlite:///PATH or "
+            "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME"
+        )
+    try:
+        yield engine
+    except OperationalError as error:
+        reason = " ".join(str(error.orig).split())
+        _fail(f"cannot open the database {shown}: {reason}. Check DATABASE_URL")
+    finally:
+        engine.dispose()
 
 
 MAILBOX_STATE_STYLE = {

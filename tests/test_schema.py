@@ -143,3 +143,14 @@ def test_db_upgrade_unreachable_server():
     assert "Check DATABASE_URL" in message
     assert "secret" not in message
     assert "Traceback" not in message
+
+
+def test_db_status_invalid_url():
+    result = run_db("nonsense://sequencer:secret@127.0.0.1/sequencer", "status")
+
+    message = " ".join(result.stderr.split())  # the console wraps long lines
+    assert result.returncode == 1
+    assert "invalid DATABASE_URL (scheme 'nonsense')" in message
+    assert "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME" in message
+    assert "secret" not in message
+    assert "Traceback" not in message
