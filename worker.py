@@ -3,6 +3,11 @@
     python worker.py             # run the worker
     python worker.py --health    # exit 0 when the running worker reported in the last minute
 
+SEQUENCER_WORKER_ROLES chooses what this process runs: `workflows` (the lead, account and
+mailbox workflows, with the activities that write to the database), `email`, `linkedin` (the
+activities of that channel), or all of them, the default. Channel workers are limited by
+SEQUENCER_EMAIL_MAX_CONCURRENT, SEQUENCER_EMAIL_PER_SECOND and the same for LINKEDIN.
+
 Connects to TEMPORAL_ADDRESS (default 127.0.0.1:7233) and writes to DATABASE_URL (default a
 SQLite file under SEQUENCER_HOME). Refuses to start without a payload encryption key
 (SEQUENCER_PAYLOAD_KEYS) unless SEQUENCER_PAYLOAD_ENCRYPTION=off. `sequencer up` runs the same
@@ -23,7 +28,6 @@ from pathlib import Path
 
 from temporalio.client import Client
 from temporalio.service import RPCError
-from temporalio.worker import Worker
 
 from activities.accounts import AccountActivities
 from activities.email import EmailActivities
@@ -37,10 +41,11 @@ from sequencer.codec import (
     require_payload_keys,
 )
 from sequencer.config import Settings, load_settings
-from sequencer.models import TASK_QUEUE
+from sequencer.models import TASK_QUEUE, channel_queue
 from sequencer.service import Sequencer
 from sequencer.storage import Store
 from sequencer.temporal import (
+    LeadWorker,
     MissingSearchAttributesError,
     check_search_attributes,
     client_security,
@@ -48,6 +53,7 @@ from sequencer.temporal import (
     exit_without_teardown,
     lead_worker,
 )
+from workflows.sender_account import accounts_queue
 
 logger = logging.getLogger("sequencer.worker")
 
@@ -67,7 +73,7 @@ def build_worker(
     accounts: AccountActivities,
     service: Sequencer,
     task_queue: str = TASK_QUEUE,
-) -> Worker:
+) -> LeadWorker:
     """Build a worker with every workflow and activity; the caller owns the clients.
 
     `service` applies the mail that the mailbox pollers read.
@@ -96,10 +102,20 @@ def build_worker(
             mailbox.poll_mailbox,
         ],
         account_check_interval=settings.account_check_interval,
+        roles=settings.worker_roles,
+        channel_options={
+            channel: limits.worker_options() for channel, limits in settings.channel_limits.items()
+        },
         # On shutdown, running activities get this long to finish before they are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=20),
         max_cached_workflows=settings.workflow_cache_size,
     )
+
+
+def queues_of(roles: tuple[str, ...], task_queue: str = TASK_QUEUE) -> list[str]:
+    """Name the task queues a worker with `roles` polls, for its log."""
+    queues = [task_queue, accounts_queue(task_queue)] if "workflows" in roles else []
+    return queues + [channel_queue(task_queue, role) for role in roles if role != "workflows"]
 
 
 def imap_credentials(settings: Settings) -> CredentialsFor:
@@ -141,7 +157,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         service = Sequencer(settings, client=client)
         stack.callback(service.close)
         worker = build_worker(client, settings, store, linkedin, accounts, service)
-        logger.info("Worker started on task queue %s at %s", TASK_QUEUE, settings.temporal_address)
+        logger.info(
+            "Worker started at %s on task queues %s",
+            settings.temporal_address,
+            ", ".join(queues_of(settings.worker_roles)),
+        )
         async with worker:
             alive = asyncio.create_task(report_alive(client, settings.home / ALIVE_FILE))
             await stop.wait()

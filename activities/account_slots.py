@@ -185,7 +185,7 @@ class AccountSlotActivities:
                 lambda: self._client.execute_update_with_start_workflow(
                     SenderAccountWorkflow.reserve,
                     request,
-                    start_workflow_operation=self._start(request.account),
+                    start_workflow_operation=self._start(request.account, request.lead_queue),
                 )
             )
 

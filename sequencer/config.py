@@ -21,6 +21,7 @@ from sequencer.codec import (
     read_key_file,
 )
 from sequencer.durations import parse_duration
+from sequencer.models import QUEUED_CHANNELS, WORKER_ROLES
 
 DEFAULT_TEMPORAL_ADDRESS = "127.0.0.1:7233"
 DEFAULT_SMTP_PORT = 2525
@@ -41,6 +42,25 @@ DEFAULT_SOFT_BOUNCE_WINDOW = timedelta(days=7)
 # The password of every mailbox of the local stack's IMAP server, used when the stack file
 # names that server and SEQUENCER_IMAP_PASSWORD is unset.
 SANDBOX_IMAP_PASSWORD = "sandbox-imap"
+
+
+@dataclass(frozen=True)
+class ChannelLimits:
+    """Limits of the workers of one channel's task queue. None leaves the SDK's default."""
+
+    # Activities one worker process runs at once (SDK default 100).
+    max_concurrent: int | None = None
+    # Activities started per second on the channel's queue, across all its workers. The
+    # Temporal server enforces it. The campaign's caps and spacing per sender apply as well.
+    per_second: float | None = None
+
+    def worker_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {}
+        if self.max_concurrent is not None:
+            options["max_concurrent_activities"] = self.max_concurrent
+        if self.per_second is not None:
+            options["max_task_queue_activities_per_second"] = self.per_second
+        return options
 
 
 @dataclass(frozen=True)
@@ -88,6 +108,11 @@ class Settings:
     # TEMPORAL_TLS, TEMPORAL_TLS_CLIENT_CERT_PATH, TEMPORAL_TLS_CLIENT_KEY_PATH and
     # TEMPORAL_TLS_SERVER_CA_CERT_PATH. TLS is on when an API key or a client certificate is set.
     workflow_cache_size: int = DEFAULT_WORKFLOW_CACHE_SIZE
+    # The task queues a worker process polls (SEQUENCER_WORKER_ROLES), and the limits of each
+    # channel's workers by channel (SEQUENCER_EMAIL_MAX_CONCURRENT, SEQUENCER_EMAIL_PER_SECOND
+    # and the same for LINKEDIN).
+    worker_roles: tuple[str, ...] = WORKER_ROLES
+    channel_limits: Mapping[str, ChannelLimits] = field(default_factory=dict)
     temporal_api_key: str | None = field(default=None, repr=False)
     temporal_tls: bool = False
     temporal_tls_client_cert: Path | None = None
@@ -160,6 +185,8 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
             env.get("SEQUENCER_WORKFLOW_CACHE_SIZE"),
             DEFAULT_WORKFLOW_CACHE_SIZE,
         ),
+        worker_roles=_roles("SEQUENCER_WORKER_ROLES", env.get("SEQUENCER_WORKER_ROLES")),
+        channel_limits=_channel_limits(env),
         **_temporal_security(env),
         payload_encryption=_switch(SWITCH_VARIABLE, env.get(SWITCH_VARIABLE), default=True),
         codec_cors_origins=_origins(
@@ -243,6 +270,48 @@ def _count(name: str, value: str | None, default: int) -> int:
             f"{name}: {value!r} is not a whole number of 1 or more; use a number such as 3"
         )
     return count
+
+
+def _roles(name: str, value: str | None) -> tuple[str, ...]:
+    """Parse worker roles separated by commas or spaces. `all`, or no value, means every role."""
+    words = (value or "").replace(",", " ").split()
+    if not words or words == ["all"]:
+        return WORKER_ROLES
+    unknown = [word for word in words if word not in WORKER_ROLES]
+    if unknown:
+        raise ValueError(
+            f"{name}: unknown role {unknown[0]!r}; use all, or one or more of "
+            f"{', '.join(WORKER_ROLES)} separated by commas"
+        )
+    return tuple(role for role in WORKER_ROLES if role in words)
+
+
+def _channel_limits(env: Mapping[str, str]) -> dict[str, ChannelLimits]:
+    limits = {}
+    for channel in QUEUED_CHANNELS:
+        prefix = f"SEQUENCER_{channel.upper()}"
+        concurrent = env.get(f"{prefix}_MAX_CONCURRENT")
+        per_second = env.get(f"{prefix}_PER_SECOND")
+        limits[channel] = ChannelLimits(
+            max_concurrent=_count(f"{prefix}_MAX_CONCURRENT", concurrent, 0) or None,
+            per_second=_rate(f"{prefix}_PER_SECOND", per_second),
+        )
+    return limits
+
+
+def _rate(name: str, value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        rate = float(value)
+    except ValueError:
+        rate = 0.0
+    if not rate > 0 or rate == float("inf"):
+        raise ValueError(
+            f"{name}: {value!r} is not a positive number; use activities per second, such as 5 "
+            "or 0.5"
+        )
+    return rate
 
 
 def _interval(name: str, value: str | None, default: timedelta) -> timedelta:

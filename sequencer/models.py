@@ -16,6 +16,12 @@ from sequencer.campaign import Campaign, LinkedInAccount, Sender, Step
 from sequencer.channels import StepStatus
 
 TASK_QUEUE = "sequencer"
+# Channels whose activities run on a task queue of their own (`channel_queue`), so that their
+# workers can be sized and rate-limited apart from the workflows' (docs/deploy.md).
+QUEUED_CHANNELS = ("email", "linkedin")
+# The roles a worker process can take (SEQUENCER_WORKER_ROLES): the workflows with the
+# activities that write to the database, or the activities of one queued channel.
+WORKER_ROLES = ("workflows", *QUEUED_CHANNELS)
 WORKFLOW_TYPE = "LeadSequenceWorkflow"
 
 # Search attributes registered on the Temporal server. They contain no personal data, because
@@ -66,6 +72,11 @@ class Lead(BaseModel):
             if value:
                 values[name] = value
         return values
+
+
+def channel_queue(task_queue: str, channel: str) -> str:
+    """Return the task queue of a channel's activities for the leads of `task_queue`."""
+    return f"{task_queue}-{channel}"
 
 
 def lead_ref(key: str) -> str:
@@ -273,6 +284,9 @@ class SlotRequest(BaseModel):
     kind: str  # email, linkedin_invite, linkedin_message, linkedin_visit, start
     cap: int | None = None  # sends of this kind per rolling 24 hours
     spacing: timedelta = timedelta(0)  # between two sends of the account, of any kind
+    # The lead's task queue, which names the account's workflow and its queue. None: the
+    # booking activity's queue, which was the lead's until channels had queues of their own.
+    lead_queue: str | None = None
 
 
 class SlotGrant(BaseModel):

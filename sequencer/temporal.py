@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
@@ -39,9 +39,10 @@ from temporalio.worker import Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
 from activities.account_slots import AccountSlotActivities
+from sequencer.channels import Channel
 from sequencer.config import Settings
-from sequencer.models import SEARCH_ATTRIBUTES
-from workflows.lead_sequence import LeadSequenceWorkflow
+from sequencer.models import QUEUED_CHANNELS, SEARCH_ATTRIBUTES, WORKER_ROLES, channel_queue
+from workflows.lead_sequence import ACTIVITY_FOR_CHANNEL, LeadSequenceWorkflow
 from workflows.mailbox import MailboxWorkflow
 from workflows.sender_account import SenderAccountWorkflow, accounts_queue
 
@@ -290,8 +291,10 @@ def lead_worker(
     activities: Sequence[Callable[..., Any]],
     account_check_interval: timedelta | None = DEFAULT_ACCOUNT_CHECK_INTERVAL,
     end_accounts: bool = False,
+    roles: Collection[str] = WORKER_ROLES,
+    channel_options: Mapping[str, Mapping[str, Any]] | None = None,
     **options: Any,
-) -> Worker:
+) -> LeadWorker:
     """Build a worker for the lead, sender-account and mailbox workflows, with the activities.
 
     The worker process, `simulate` and the tests all build their workers here, so each runs
@@ -300,8 +303,19 @@ def lead_worker(
     With `end_accounts`, leaving the worker's `async with` block terminates the account
     workflows its leads used: for task queues thrown away afterwards, such as a what-if run
     on the time-skipping server, where a workflow left running stops time from skipping.
-    `options` go to `Worker` as they are.
+
+    `roles` are the task queues polled (WORKER_ROLES): "workflows" is the leads' queue and
+    their accounts' queue; "email" and "linkedin" are the queues of those channels' activities
+    (`channel_queue`). `options` go to every `Worker` as they are, and `channel_options` by
+    channel to that channel's worker only: its concurrency and rate limits.
     """
+    unknown = sorted(set(roles) - set(WORKER_ROLES))
+    if unknown or not roles:
+        raise ValueError(
+            f"unknown worker roles {unknown}: use one or more of {', '.join(WORKER_ROLES)}"
+            if unknown
+            else f"no worker role given: use one or more of {', '.join(WORKER_ROLES)}"
+        )
     channels = {
         definition.name: function
         for function in activities
@@ -314,13 +328,44 @@ def lead_worker(
         slots.book_and_run_step,
         slots.report_account_problem,
     ]
+    workers: list[Worker] = []
+    if "workflows" in roles:
+        workers += _workflow_workers(client, task_queue, every_activity, options)
+    for channel in QUEUED_CHANNELS:
+        if channel not in roles:
+            continue
+        # The channel's own activity, and the booking that runs it once its slot is free.
+        name = ACTIVITY_FOR_CHANNEL[Channel(channel)]
+        own = [channels[name]] if name in channels else []
+        workers.append(
+            Worker(
+                client,
+                task_queue=channel_queue(task_queue, channel),
+                activities=[*own, slots.book_and_run_step],
+                **{**options, **(channel_options or {}).get(channel, {})},
+            )
+        )
+    return LeadWorker(slots if end_accounts else None, workers)
+
+
+def _workflow_workers(
+    client: Client,
+    task_queue: str,
+    activities: Sequence[Callable[..., Any]],
+    options: Mapping[str, Any],
+) -> list[Worker]:
+    """Return the workers of the leads' task queue and of their accounts' queue.
+
+    Both also run every activity: leads started before their channels had task queues of
+    their own (patch sequencer-3) send from the leads' queue.
+    """
     runner = workflow_runner()
     leads = Worker(
         client,
         task_queue=task_queue,
         # SenderAccountWorkflow too, for the accounts started on this queue by older releases.
         workflows=[LeadSequenceWorkflow, SenderAccountWorkflow, MailboxWorkflow],
-        activities=every_activity,
+        activities=activities,
         workflow_runner=runner,
         **options,
     )
@@ -333,15 +378,15 @@ def lead_worker(
         task_queue=accounts_queue(task_queue),
         workflows=[SenderAccountWorkflow],
         # The account workflow's health checks run on its own queue.
-        activities=every_activity,
+        activities=activities,
         workflow_runner=runner,
         **options,
     )
-    return LeadWorker(slots if end_accounts else None, [leads, accounts])
+    return [leads, accounts]
 
 
 class LeadWorker:
-    """The workers of the leads' task queue and of their accounts' queue, run together."""
+    """The workers of the task queues a worker process polls (`lead_worker`), run together."""
 
     def __init__(self, slots: AccountSlotActivities | None, workers: list[Worker]) -> None:
         self._slots = slots

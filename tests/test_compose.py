@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sequencer.models import SEARCH_ATTRIBUTES
+from sequencer.config import load_settings
+from sequencer.models import SEARCH_ATTRIBUTES, WORKER_ROLES
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -33,7 +34,11 @@ REQUIRED_SERVICES = {
     "temporal-namespace-setup",
     "temporal-ui",
     "worker",
+    "email-worker",
+    "linkedin-worker",
 }
+# The worker services and the task queues each polls (SEQUENCER_WORKER_ROLES).
+WORKERS = {"worker": "workflows", "email-worker": "email", "linkedin-worker": "linkedin"}
 ALLOWED_CONDITIONS = {"service_healthy", "service_completed_successfully"}
 WORKER_VARIABLES = {
     "TEMPORAL_ADDRESS",
@@ -173,11 +178,12 @@ def test_startup_order(services: dict) -> None:
     assert condition("temporal", "temporal-admin-tools") == "service_completed_successfully"
     assert condition("temporal-namespace-setup", "temporal") == "service_healthy"
     assert condition("temporal-ui", "temporal") == "service_healthy"
-    assert condition("worker", "temporal") == "service_healthy"
-    assert condition("worker", "postgresql") == "service_healthy"
-    assert condition("worker", "temporal-namespace-setup") == "service_completed_successfully"
+    for worker in WORKERS:
+        assert condition(worker, "temporal") == "service_healthy"
+        assert condition(worker, "postgresql") == "service_healthy"
+        assert condition(worker, "temporal-namespace-setup") == "service_completed_successfully"
+        assert condition(worker, "migrate") == "service_completed_successfully"
     assert condition("migrate", "postgresql") == "service_healthy"
-    assert condition("worker", "migrate") == "service_completed_successfully"
     assert condition("api", "migrate") == "service_completed_successfully"
 
 
@@ -188,7 +194,8 @@ def test_migrate_job_upgrades_the_workers_database(services: dict) -> None:
     assert migrate["command"] == ["sequencer", "db", "upgrade"]
     assert migrate["build"] == services["worker"]["build"]
     url = migrate["environment"]["DATABASE_URL"]
-    assert url == services["worker"]["environment"]["DATABASE_URL"]
+    for worker in WORKERS:
+        assert url == services[worker]["environment"]["DATABASE_URL"], worker
     assert url == services["api"]["environment"]["DATABASE_URL"]
 
 
@@ -242,7 +249,7 @@ def test_database_passwords_are_required(services: dict) -> None:
 
 
 def test_temporal_clients_use_the_server(services: dict) -> None:
-    for name in ("temporal-ui", "temporal-namespace-setup", "worker"):
+    for name in ("temporal-ui", "temporal-namespace-setup", *WORKERS):
         assert environment_of(services[name])["TEMPORAL_ADDRESS"] == "temporal:7233", name
 
     temporal = environment_of(services["temporal"])
@@ -250,8 +257,9 @@ def test_temporal_clients_use_the_server(services: dict) -> None:
     assert temporal["POSTGRES_SEEDS"] == "postgresql"
 
 
-def test_worker_service(services: dict) -> None:
-    worker = services["worker"]
+@pytest.mark.parametrize("name", sorted(WORKERS))
+def test_worker_service(services: dict, name: str) -> None:
+    worker = services[name]
     environment = environment_of(worker)
 
     missing = WORKER_VARIABLES - set(environment)
@@ -268,6 +276,27 @@ def test_worker_service(services: dict) -> None:
     healthcheck = worker["healthcheck"]
     assert healthcheck["test"] == ["CMD", "python", "worker.py", "--health"]
     assert _seconds(healthcheck["interval"]) < 60
+
+
+def test_worker_roles_cover_every_queue(services: dict, tmp_path: Path) -> None:
+    """Each worker service polls the queues of its role, and every queue has a worker.
+
+    The services' settings, with the defaults of the compose file, must load as worker.py
+    loads them: a limit the application rejects would stop the container at start.
+    """
+    polled: list[str] = []
+    for name, role in WORKERS.items():
+        environment = {
+            key: interpolate(value, {"SEQUENCER_DB_PASSWORD": "example"})
+            for key, value in environment_of(services[name]).items()
+        }
+        settings = load_settings({**environment, "SEQUENCER_HOME": str(tmp_path)})
+        assert settings.worker_roles == (role,), name
+        polled += settings.worker_roles
+        if role != "workflows":
+            limits = settings.channel_limits[role]
+            assert limits.max_concurrent is not None, f"{name} runs an unbounded number of steps"
+    assert sorted(polled) == sorted(WORKER_ROLES)
 
 
 def _seconds(value: str) -> int:

@@ -79,6 +79,13 @@ def test_imap_password_not_in_repr(tmp_path):
         ("SEQUENCER_SOFT_BOUNCE_LIMIT", "0", "a whole number of 1 or more"),
         ("SEQUENCER_SOFT_BOUNCE_LIMIT", "three", "a whole number of 1 or more"),
         ("SEQUENCER_SOFT_BOUNCE_WINDOW", "abc", "SEQUENCER_SOFT_BOUNCE_WINDOW"),
+        ("SEQUENCER_WORKER_ROLES", "workflows,sms", "unknown role 'sms'; use all, or one or more"),
+        ("SEQUENCER_WORKER_ROLES", "all,email", "unknown role 'all'"),
+        ("SEQUENCER_EMAIL_MAX_CONCURRENT", "0", "a whole number of 1 or more"),
+        ("SEQUENCER_LINKEDIN_MAX_CONCURRENT", "many", "a whole number of 1 or more"),
+        ("SEQUENCER_EMAIL_PER_SECOND", "-1", "is not a positive number"),
+        ("SEQUENCER_LINKEDIN_PER_SECOND", "nan", "is not a positive number"),
+        ("SEQUENCER_LINKEDIN_PER_SECOND", "inf", "is not a positive number"),
     ],
 )
 def test_invalid_value_names_setting(tmp_path, name, value, message):
@@ -230,3 +237,25 @@ def test_workflow_cache_size_setting():
         load_settings(
             {"SEQUENCER_HOME": "/tmp/sequencer-settings-test", "SEQUENCER_WORKFLOW_CACHE_SIZE": "0"}
         )
+
+
+def test_worker_roles_and_channel_limits():
+    home = {"SEQUENCER_HOME": "/tmp/sequencer-settings-test"}
+    default = load_settings(home)
+    every = load_settings({**home, "SEQUENCER_WORKER_ROLES": " all "})
+    channels = load_settings(
+        {
+            **home,
+            "SEQUENCER_WORKER_ROLES": "linkedin email",
+            "SEQUENCER_EMAIL_MAX_CONCURRENT": "8",
+            "SEQUENCER_LINKEDIN_PER_SECOND": "0.5",
+        }
+    )
+
+    assert default.worker_roles == every.worker_roles == ("workflows", "email", "linkedin")
+    assert channels.worker_roles == ("email", "linkedin")
+    assert default.channel_limits["email"].worker_options() == {}
+    assert channels.channel_limits["email"].worker_options() == {"max_concurrent_activities": 8}
+    assert channels.channel_limits["linkedin"].worker_options() == {
+        "max_task_queue_activities_per_second": 0.5
+    }

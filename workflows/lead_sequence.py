@@ -20,6 +20,7 @@ with workflow.unsafe.imports_passed_through():
     from sequencer.durations import format_duration
     from sequencer.errors import ACCOUNT_INTERRUPTED_ERROR_TYPE
     from sequencer.models import (
+        QUEUED_CHANNELS,
         SEARCH_ATTRIBUTE_ACCOUNT,
         SEARCH_ATTRIBUTE_CAMPAIGN,
         SEARCH_ATTRIBUTE_STAGE,
@@ -46,6 +47,7 @@ with workflow.unsafe.imports_passed_through():
         StepOutcome,
         SubscriptionChange,
         TaskOutcome,
+        channel_queue,
     )
     from sequencer.schedule import local_instant
     from workflows.lead_machine import (
@@ -124,7 +126,11 @@ CURRENT = "sequencer-1"
 # the end) or when an event from the world changed it, not after every step. Its first search
 # attributes are the ones it was started with. Second, a step that sends through an account
 # books its slot and runs in one activity (`book_and_run_step`) instead of two.
-LATEST = "sequencer-2"
+SEQUENCER_2 = "sequencer-2"
+# New runs call this one patch, which replaces SEQUENCER_2 and every patch before it, and
+# runs the email and LinkedIn activities on their channels' task queues (`channel_queue`),
+# so that separate workers can run them. Runs with SEQUENCER_2 keep them on the lead's queue.
+LATEST = "sequencer-3"
 # How long the booking of a slot and the step that follows it may take in all: a booking can
 # queue on the worker behind others for the same account.
 BOOKED_STEP_TIMEOUT = timedelta(minutes=12)
@@ -180,8 +186,10 @@ class LeadSequenceWorkflow:
         self._may_continue = False
         self._records_first: bool | None = None
         # Whether the log and search attributes are written only at rest, and a step books its
-        # slot in the activity that runs it (LATEST).
+        # slot in the activity that runs it (SEQUENCER_2 and LATEST).
         self._at_rest_only = False
+        # Whether email and LinkedIn activities run on their channels' task queues (LATEST).
+        self._channel_queues = False
         self._resume_at = None
         self._ignored: list[str] = []
         self._interruptions = False
@@ -195,6 +203,10 @@ class LeadSequenceWorkflow:
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
         machine = self._machine
         if workflow.patched(LATEST):
+            self._interruptions = self._account_attribute = self._may_continue = True
+            self._records_first = self._at_rest_only = self._channel_queues = True
+            self._search_attributes = self._attributes_at_start()
+        elif workflow.patched(SEQUENCER_2):
             self._interruptions = self._account_attribute = self._may_continue = True
             self._records_first = self._at_rest_only = True
             self._search_attributes = self._attributes_at_start()
@@ -545,6 +557,7 @@ class LeadSequenceWorkflow:
                     timeout=BOOKED_STEP_TIMEOUT,
                     heartbeat=heartbeat,
                     summary=f"{summary}, once a slot on {account.id} is free",
+                    task_queue=self._queue_for(step.channel),
                 )
                 if result.outcome is not None:
                     outcome = result.outcome
@@ -561,6 +574,7 @@ class LeadSequenceWorkflow:
                     timeout=timedelta(minutes=2),
                     heartbeat=heartbeat,
                     summary=summary,
+                    task_queue=self._queue_for(step.channel),
                 )
         except ActivityError as error:
             cause = error.cause
@@ -591,13 +605,16 @@ class LeadSequenceWorkflow:
         timeout: timedelta,
         heartbeat: timedelta | None,
         summary: str,
+        task_queue: str | None,
     ):
-        """Run a step's activity. An operator's pause arriving meanwhile is applied at once;
-        the step finishes, and the wait after it is frozen."""
+        """Run a step's activity, on `task_queue` (None: the lead's own). An operator's pause
+        arriving meanwhile is applied at once; the step finishes, and the wait after it is
+        frozen."""
         handle = workflow.start_activity(
             name,
             argument,
             result_type=result_type,
+            task_queue=task_queue,
             start_to_close_timeout=timeout,
             heartbeat_timeout=heartbeat,
             retry_policy=CHANNEL_RETRY,
@@ -609,6 +626,12 @@ class LeadSequenceWorkflow:
                 if self._apply_inbox(controls_only=True):
                     await self._record()
         return await handle
+
+    def _queue_for(self, channel: Channel) -> str | None:
+        """Return the task queue of the channel's activities, or None for the lead's own."""
+        if not self._channel_queues or channel.value not in QUEUED_CHANNELS:
+            return None
+        return channel_queue(workflow.info().task_queue, channel.value)
 
     def _has_control(self) -> bool:
         return any(
@@ -700,6 +723,7 @@ class LeadSequenceWorkflow:
             kind=kind,
             cap=cap,
             spacing=spacing or timedelta(0),
+            lead_queue=workflow.info().task_queue,
         )
 
     async def _book(self, request: SlotRequest) -> SlotGrant:
@@ -884,8 +908,8 @@ class LeadSequenceWorkflow:
     async def _record(self, at_rest: bool = True) -> None:
         """Write new log entries to the database and keep the search attributes current.
 
-        With `at_rest` false the lead is about to go on with its next step. Runs with LATEST
-        then write nothing, unless an update's caller waits for its result.
+        With `at_rest` false the lead is about to go on with its next step. Runs with
+        SEQUENCER_2 or LATEST then write nothing, unless an update's caller waits for its result.
         """
         if not at_rest and self._at_rest_only and not self._answers:
             return
