@@ -199,6 +199,20 @@ def test_migrate_job_upgrades_the_workers_database(services: dict) -> None:
     assert url == services["api"]["environment"]["DATABASE_URL"]
 
 
+def test_services_restart_and_report_health(services: dict) -> None:
+    """Every long-running service restarts on failure and has a health check; jobs run once."""
+    for name, service in services.items():
+        restart = str(service.get("restart", "no"))
+        if restart == "no":
+            assert "healthcheck" not in service, f"{name} is a one-shot job with a health check"
+            continue
+        assert restart == "unless-stopped", f"{name}: restart {restart}"
+        assert "healthcheck" in service, f"{name} has no health check"
+    ui = services["temporal-ui"]
+    _, _, container_port = parse_port(ui["ports"][0])
+    assert f"127.0.0.1:{container_port}/" in " ".join(ui["healthcheck"]["test"])
+
+
 def test_postgresql_volume_and_healthcheck(compose: dict, services: dict) -> None:
     postgresql = services["postgresql"]
     named = [
