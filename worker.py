@@ -162,6 +162,11 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             settings.temporal_address,
             ", ".join(queues_of(settings.worker_roles)),
         )
+        for role in settings.worker_roles:
+            if role in settings.channel_limits:
+                logger.info(
+                    "Limits of %s steps: %s", role, settings.channel_limits[role].describe()
+                )
         async with worker:
             alive = asyncio.create_task(report_alive(client, settings.home / ALIVE_FILE))
             await stop.wait()

@@ -71,6 +71,8 @@ STEPS = 5
 BASELINE_QUEUE = "bench-baseline"
 # Workflows started at once; more only queue up in the client.
 START_CONCURRENCY = 64
+# How often a long wait prints how far it got.
+PROGRESS_INTERVAL = 30.0
 
 # History events that Temporal bills as actions, by the name used in the report.
 ACTION_EVENTS = {
@@ -216,8 +218,16 @@ async def start_all(count: int, start: Callable[[int], Awaitable[None]]) -> None
 
 
 async def wait_until_done(client: Client, workflow_type: str, count: int) -> None:
+    """Wait until `count` workflows of the type have completed, printing progress meanwhile."""
     query = f'WorkflowType = "{workflow_type}" AND ExecutionStatus = "Completed"'
-    while (await client.count_workflows(query)).count < count:
+    began = reported = time.monotonic()
+    while (done := (await client.count_workflows(query)).count) < count:
+        if time.monotonic() - reported >= PROGRESS_INTERVAL:
+            reported = time.monotonic()
+            print(
+                f"  {workflow_type}: {done:,} of {count:,} done after {reported - began:.0f} s",
+                file=sys.stderr,
+            )
         await asyncio.sleep(0.2)
 
 
@@ -268,7 +278,12 @@ def production_codec() -> EncryptionCodec:
     return EncryptionCodec(parse_keys(generate_key_entry("bench"), "bench"), source="bench")
 
 
-async def run_engine(folder: Path, count: int) -> Run:
+def cache_option(cache_size: int | None) -> dict[str, int]:
+    """Return the worker option for a workflow cache of `cache_size` (None: the SDK's 1,000)."""
+    return {} if cache_size is None else {"max_cached_workflows": cache_size}
+
+
+async def run_engine(folder: Path, count: int, cache_size: int | None = None) -> Run:
     server = DevServer(folder, production_codec())
     async with server as client:
         store = Store(f"sqlite:///{folder / 'sequencer.db'}")
@@ -287,6 +302,7 @@ async def run_engine(folder: Path, count: int) -> Run:
                 records.record_activity,
             ],
             account_check_interval=None,
+            **cache_option(cache_size),
         )
         async with worker:
 
@@ -306,7 +322,7 @@ async def run_engine(folder: Path, count: int) -> Run:
     return run
 
 
-async def run_baseline(folder: Path, count: int, timers: int) -> Run:
+async def run_baseline(folder: Path, count: int, timers: int, cache_size: int | None = None) -> Run:
     # The same bytecode cache as the engine's workflow modules get (see cache_bytecode).
     cache_bytecode(baseline_module.__file__)
     server = DevServer(folder)
@@ -317,6 +333,7 @@ async def run_baseline(folder: Path, count: int, timers: int) -> Run:
             workflows=[BaselineLead],
             activities=[noop],
             workflow_runner=workflow_runner(),
+            **cache_option(cache_size),
         )
         ids = [f"baseline-{number}" for number in range(count)]
         async with worker:
@@ -547,6 +564,13 @@ async def main(arguments: list[str] | None = None) -> None:
     )
     parser.add_argument("--runs", type=int, default=3, help="runs of each workload (default 3)")
     parser.add_argument(
+        "--cache-size",
+        type=int,
+        default=None,
+        help="workflows the throughput workers (engine and baseline alike) keep in memory "
+        "(default: the SDK's 1000)",
+    )
+    parser.add_argument(
         "--output", type=Path, default=REPO / "docs" / "benchmarks.md", help="report file"
     )
     parser.add_argument(
@@ -576,11 +600,13 @@ async def main(arguments: list[str] | None = None) -> None:
             for number in range(options.runs):
                 folder = Path(scratch) / f"engine-{count}-{number}"
                 folder.mkdir()
-                engine = await run_engine(folder, count)
+                engine = await run_engine(folder, count, options.cache_size)
                 engine_runs.append(engine)
                 folder = Path(scratch) / f"baseline-{count}-{number}"
                 folder.mkdir()
-                baseline = await run_baseline(folder, count, timers_per_lead(engine))
+                baseline = await run_baseline(
+                    folder, count, timers_per_lead(engine), options.cache_size
+                )
                 baseline_runs.append(baseline)
                 print(
                     f"{count} leads, run {number + 1}: engine {engine.seconds:.1f}s "

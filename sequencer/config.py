@@ -44,15 +44,25 @@ DEFAULT_SOFT_BOUNCE_WINDOW = timedelta(days=7)
 SANDBOX_IMAP_PASSWORD = "sandbox-imap"
 
 
+# Activities a Temporal worker runs at once unless told otherwise (the SDK's fixed tuner).
+SDK_MAX_CONCURRENT = 100
+
+
 @dataclass(frozen=True)
 class ChannelLimits:
     """Limits of the workers of one channel's task queue. None leaves the SDK's default."""
 
-    # Activities one worker process runs at once (SDK default 100).
+    # Activities one worker process runs at once (default SDK_MAX_CONCURRENT).
     max_concurrent: int | None = None
     # Activities started per second on the channel's queue, across all its workers. The
     # Temporal server enforces it. The campaign's caps and spacing per sender apply as well.
     per_second: float | None = None
+
+    def describe(self) -> str:
+        """Describe the limits for a log line, such as `20 at once, 2 a second`."""
+        at_once = self.max_concurrent or SDK_MAX_CONCURRENT
+        rate = "no rate limit" if self.per_second is None else f"{self.per_second:g} a second"
+        return f"{at_once} at once, {rate}"
 
     def worker_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {}
@@ -277,6 +287,10 @@ def _roles(name: str, value: str | None) -> tuple[str, ...]:
     words = (value or "").replace(",", " ").split()
     if not words or words == ["all"]:
         return WORKER_ROLES
+    if "all" in words:
+        raise ValueError(
+            f"{name}: {value!r} combines all with other roles; use all alone, or list the roles"
+        )
     unknown = [word for word in words if word not in WORKER_ROLES]
     if unknown:
         raise ValueError(

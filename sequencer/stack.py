@@ -44,6 +44,7 @@ from sequencer.durations import format_duration
 from sequencer.http_app import create_http_app
 from sequencer.imap_server import Dovecot, ImapServerError, append_message, find_dovecot
 from sequencer.linkedin_sandbox import LinkedInSandbox
+from sequencer.models import WORKER_ROLES
 from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink
 from sequencer.temporal import (
@@ -155,6 +156,8 @@ class LocalStack:
             settings,
             temporal_address=f"127.0.0.1:{self.ports.temporal}",
             linkedin_url=f"http://127.0.0.1:{self.ports.linkedin}",
+            # The stack's only worker runs every role, whatever SEQUENCER_WORKER_ROLES is set to.
+            worker_roles=WORKER_ROLES,
         )
         if not os.environ.get("SEQUENCER_ACCOUNT_CHECK_INTERVAL"):
             self.settings = replace(

@@ -80,7 +80,7 @@ def test_imap_password_not_in_repr(tmp_path):
         ("SEQUENCER_SOFT_BOUNCE_LIMIT", "three", "a whole number of 1 or more"),
         ("SEQUENCER_SOFT_BOUNCE_WINDOW", "abc", "SEQUENCER_SOFT_BOUNCE_WINDOW"),
         ("SEQUENCER_WORKER_ROLES", "workflows,sms", "unknown role 'sms'; use all, or one or more"),
-        ("SEQUENCER_WORKER_ROLES", "all,email", "unknown role 'all'"),
+        ("SEQUENCER_WORKER_ROLES", "all,email", "combines all with other roles; use all alone"),
         ("SEQUENCER_EMAIL_MAX_CONCURRENT", "0", "a whole number of 1 or more"),
         ("SEQUENCER_LINKEDIN_MAX_CONCURRENT", "many", "a whole number of 1 or more"),
         ("SEQUENCER_EMAIL_PER_SECOND", "-1", "is not a positive number"),
@@ -243,6 +243,7 @@ def test_worker_roles_and_channel_limits():
     home = {"SEQUENCER_HOME": "/tmp/sequencer-settings-test"}
     default = load_settings(home)
     every = load_settings({**home, "SEQUENCER_WORKER_ROLES": " all "})
+    empty = load_settings({**home, "SEQUENCER_WORKER_ROLES": " "})
     channels = load_settings(
         {
             **home,
@@ -252,10 +253,14 @@ def test_worker_roles_and_channel_limits():
         }
     )
 
-    assert default.worker_roles == every.worker_roles == ("workflows", "email", "linkedin")
+    assert default.worker_roles == ("workflows", "email", "linkedin")
+    assert every.worker_roles == default.worker_roles
+    assert empty.worker_roles == default.worker_roles
     assert channels.worker_roles == ("email", "linkedin")
     assert default.channel_limits["email"].worker_options() == {}
     assert channels.channel_limits["email"].worker_options() == {"max_concurrent_activities": 8}
     assert channels.channel_limits["linkedin"].worker_options() == {
         "max_task_queue_activities_per_second": 0.5
     }
+    assert channels.channel_limits["email"].describe() == "8 at once, no rate limit"
+    assert channels.channel_limits["linkedin"].describe() == "100 at once, 0.5 a second"

@@ -19,9 +19,10 @@ from temporalio.client import Client
 from sequencer.codec import generate_key_entry
 from sequencer.config import load_settings
 from sequencer.linkedin_sandbox import LinkedInSandbox
-from sequencer.models import TASK_QUEUE, channel_queue
+from sequencer.models import TASK_QUEUE, WORKER_ROLES, channel_queue
 from sequencer.service import Sequencer
 from sequencer.smtp_sink import SmtpSink, read_mailbox
+from sequencer.stack import LocalStack, StackPorts
 from sequencer.temporal import lead_worker
 
 REPO = Path(__file__).resolve().parents[1]
@@ -163,10 +164,10 @@ async def test_workflows_and_channels_run_on_separate_workers(dev_server, tmp_pa
         sink.stop()
     assert codes == {"workflows": 0, "channels": 0}, codes
     assert "on task queues sequencer, sequencer-accounts\n" in workers.log("workflows").read_text()
-    assert (
-        "on task queues sequencer-email, sequencer-linkedin\n"
-        in workers.log("channels").read_text()
-    )
+    channels_log = workers.log("channels").read_text()
+    assert "on task queues sequencer-email, sequencer-linkedin\n" in channels_log
+    assert "Limits of email steps: 2 at once, no rate limit\n" in channels_log
+    assert "Limits of linkedin steps: 100 at once, no rate limit\n" in channels_log
 
     assert statuses == {**dict.fromkeys(GOOD, "completed"), BOUNCING: "stopped"}
     # Nothing was done twice: one visit per profile, one message per address, one send each.
@@ -236,3 +237,13 @@ async def test_channel_options_go_to_their_channel_only(dev_server):
     assert configs["limits"]["max_task_queue_activities_per_second"] is None
     assert configs["limits"]["max_cached_workflows"] == 7
     assert configs["limits-email"]["workflows"] == []
+
+
+def test_local_stack_runs_every_role(tmp_path):
+    # A role left in the shell from a trial of split workers must not stop the local stack.
+    settings = load_settings({"SEQUENCER_HOME": str(tmp_path), "SEQUENCER_WORKER_ROLES": "email"})
+
+    stack = LocalStack(settings, StackPorts.free())
+
+    assert settings.worker_roles == ("email",)
+    assert stack.settings.worker_roles == WORKER_ROLES
