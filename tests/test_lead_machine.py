@@ -22,7 +22,7 @@ from workflows.lead_machine import (
     PlannedStep,
     Sleep,
 )
-from workflows.sender_account import Slot, SlotBook
+from workflows.sender_account import EPOCH, Slot, SlotBook
 
 T0 = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -541,3 +541,31 @@ def test_slot_book_matches_plain_scan():
             for k in ("email", "linkedin_visit", "linkedin_invite")
             if (n := sum(1 for s in reference if s.kind == k and now - DAY < s.at <= now))
         }
+        assert book.newest() == max((s.at for s in reference), default=None)
+        assert book.booked_after(now) == sum(1 for s in reference if s.at > now)
+
+
+def test_slot_book_keeps_packed_sends_as_times():
+    """A run started with 40,000 packed sends builds no `Slot` for them, and packs them again."""
+    micro = timedelta(microseconds=1)
+    sent = {
+        "email": [(T0 - timedelta(seconds=n) - EPOCH) // micro for n in range(20_000)],
+        "linkedin_visit": [
+            (T0 - timedelta(seconds=n, microseconds=5) - EPOCH) // micro for n in range(20_000)
+        ],
+    }
+    expected = {kind: sorted(times) for kind, times in sent.items()}
+    slots: list[Slot] = []
+
+    book = SlotBook(slots, sent)
+
+    assert slots == []
+    assert sent == {}
+    assert book.count_since(T0 - DAY, T0) == {"email": 20_000, "linkedin_visit": 20_000}
+    assert book.newest() == T0
+    # Spacing counts the packed sends: the next free time is a minute after the newest.
+    assert book.next_free(T0, "email", None, timedelta(minutes=1)) == (
+        T0 + timedelta(minutes=1),
+        "spacing",
+    )
+    assert book.pack(T0) == expected

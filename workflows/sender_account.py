@@ -104,22 +104,30 @@ class SlotBook:
     kind apart, so that a booking costs a few bisections rather than scans of every slot.
     An account can have tens of thousands of slots, and one workflow task handles the
     bookings of a burst of leads.
+
+    Sends packed at continue-as-new (`sent`) come back as times only, by kind and all kinds
+    together, not as `Slot` objects. Building 40,000 of those took half of the first task of
+    a run, and on a busy worker that task passed the 2 seconds after which the SDK fails it.
     """
 
     def __init__(self, slots: list[Slot], sent: dict[str, list[int]] | None = None) -> None:
         self.slots = slots
-        for kind, times in (sent or {}).items():
-            slots.extend(
-                Slot(at=EPOCH + timedelta(microseconds=t), kind=kind, workflow_id="", step=0)
-                for t in times
-            )
-        if sent:
-            sent.clear()
         slots.sort(key=_at)
         self._index = {(s.workflow_id, s.step): s for s in slots if s.workflow_id}
-        self._times: dict[str, list[datetime]] = {}
+        # Packed sends: their times by kind, and all of them in time order for the spacing.
+        self._packed: dict[str, list[datetime]] = {
+            kind: sorted(EPOCH + timedelta(microseconds=t) for t in times)
+            for kind, times in (sent or {}).items()
+            if times
+        }
+        self._past = sorted(t for times in self._packed.values() for t in times)
+        if sent:
+            sent.clear()
+        self._times: dict[str, list[datetime]] = {
+            kind: list(times) for kind, times in self._packed.items()
+        }
         for slot in slots:
-            self._times.setdefault(slot.kind, []).append(slot.at)
+            bisect.insort_right(self._times.setdefault(slot.kind, []), slot.at)
 
     def find(self, workflow_id: str, step: int) -> Slot | None:
         return self._index.get((workflow_id, step))
@@ -151,13 +159,17 @@ class SlotBook:
         raise RuntimeError("no free slot found: the account's bookings are inconsistent")
 
     def _clash(self, at: datetime, spacing: timedelta) -> datetime | None:
-        """Return the earliest booked send closer to `at` than `spacing`, if any."""
+        """Return the earliest booked or packed send closer to `at` than `spacing`, if any."""
         if spacing <= timedelta(0):
             return None
+        clashes = []
         first = bisect.bisect_right(self.slots, at - spacing, key=_at)
         if first < len(self.slots) and self.slots[first].at - at < spacing:
-            return self.slots[first].at
-        return None
+            clashes.append(self.slots[first].at)
+        first = bisect.bisect_right(self._past, at - spacing)
+        if first < len(self._past) and self._past[first] - at < spacing:
+            clashes.append(self._past[first])
+        return min(clashes, default=None)
 
     @staticmethod
     def _cap_reached(at: datetime, times: list[datetime], cap: int) -> bool:
@@ -208,7 +220,7 @@ class SlotBook:
         for slot in self.slots[:cutoff]:
             self._index.pop((slot.workflow_id, slot.step), None)
         del self.slots[:cutoff]
-        for times in self._times.values():
+        for times in (*self._times.values(), *self._packed.values(), self._past):
             del times[: bisect.bisect_right(times, now - WINDOW)]
 
     def pack(self, now: datetime) -> dict[str, list[int]]:
@@ -216,12 +228,17 @@ class SlotBook:
         the form of `AccountState.sent`. A lead asking again for a slot it already used then
         gets a new one, which only makes the cap count one send too many."""
         ahead = bisect.bisect_right(self.slots, now, key=_at)
-        sent: dict[str, list[int]] = {}
         for slot in self.slots[:ahead]:
-            sent.setdefault(slot.kind, []).append((slot.at - EPOCH) // timedelta(microseconds=1))
+            bisect.insort_right(self._packed.setdefault(slot.kind, []), slot.at)
+            bisect.insort_right(self._past, slot.at)
             self._index.pop((slot.workflow_id, slot.step), None)
         del self.slots[:ahead]
-        return sent
+        micro = timedelta(microseconds=1)
+        return {
+            kind: [(t - EPOCH) // micro for t in times]
+            for kind, times in self._packed.items()
+            if times
+        }
 
     def count_since(self, since: datetime, until: datetime) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -232,10 +249,12 @@ class SlotBook:
         return counts
 
     def newest(self) -> datetime | None:
-        return self.slots[-1].at if self.slots else None
+        newest = [times[-1] for times in (self._past, [s.at for s in self.slots[-1:]]) if times]
+        return max(newest, default=None)
 
     def booked_after(self, now: datetime) -> int:
-        return len(self.slots) - bisect.bisect_right(self.slots, now, key=_at)
+        booked = len(self.slots) - bisect.bisect_right(self.slots, now, key=_at)
+        return booked + len(self._past) - bisect.bisect_right(self._past, now)
 
     def of_lead(self, workflow_id: str) -> list[Slot]:
         return [s for s in self.slots if s.workflow_id == workflow_id]
