@@ -41,7 +41,7 @@ from sequencer.codec import (
     require_payload_keys,
 )
 from sequencer.config import Settings, load_settings
-from sequencer.models import TASK_QUEUE, channel_queue
+from sequencer.models import TASK_QUEUE
 from sequencer.service import Sequencer
 from sequencer.storage import Store
 from sequencer.temporal import (
@@ -53,7 +53,6 @@ from sequencer.temporal import (
     exit_without_teardown,
     lead_worker,
 )
-from workflows.sender_account import accounts_queue
 
 logger = logging.getLogger("sequencer.worker")
 
@@ -112,12 +111,6 @@ def build_worker(
     )
 
 
-def queues_of(roles: tuple[str, ...], task_queue: str = TASK_QUEUE) -> list[str]:
-    """Name the task queues a worker with `roles` polls, for its log."""
-    queues = [task_queue, accounts_queue(task_queue)] if "workflows" in roles else []
-    return queues + [channel_queue(task_queue, role) for role in roles if role != "workflows"]
-
-
 def imap_credentials(settings: Settings) -> CredentialsFor:
     """Return the IMAP login of a sender's mailbox from the settings: the same password for
     every mailbox, and the sender's address as user name unless SEQUENCER_IMAP_USERNAME is set."""
@@ -160,7 +153,7 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
         logger.info(
             "Worker started at %s on task queues %s",
             settings.temporal_address,
-            ", ".join(queues_of(settings.worker_roles)),
+            ", ".join(worker.task_queues),
         )
         for role in settings.worker_roles:
             if role in settings.channel_limits:

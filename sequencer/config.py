@@ -44,7 +44,7 @@ DEFAULT_SOFT_BOUNCE_WINDOW = timedelta(days=7)
 SANDBOX_IMAP_PASSWORD = "sandbox-imap"
 
 
-# Activities a Temporal worker runs at once unless told otherwise (the SDK's fixed tuner).
+# Activities a Temporal worker runs at once when no limit is set (the SDK's fixed tuner).
 SDK_MAX_CONCURRENT = 100
 
 

@@ -309,13 +309,12 @@ def lead_worker(
     (`channel_queue`). `options` go to every `Worker` as they are, and `channel_options` by
     channel to that channel's worker only: its concurrency and rate limits.
     """
+    choices = ", ".join(WORKER_ROLES)
+    if not roles:
+        raise ValueError(f"no worker role given: use one or more of {choices}")
     unknown = sorted(set(roles) - set(WORKER_ROLES))
-    if unknown or not roles:
-        raise ValueError(
-            f"unknown worker roles {unknown}: use one or more of {', '.join(WORKER_ROLES)}"
-            if unknown
-            else f"no worker role given: use one or more of {', '.join(WORKER_ROLES)}"
-        )
+    if unknown:
+        raise ValueError(f"unknown worker roles {unknown}: use one or more of {choices}")
     channels = {
         definition.name: function
         for function in activities
@@ -391,6 +390,11 @@ class LeadWorker:
     def __init__(self, slots: AccountSlotActivities | None, workers: list[Worker]) -> None:
         self._slots = slots
         self.workers = workers
+
+    @property
+    def task_queues(self) -> list[str]:
+        """The task queues polled, in the order of the workers."""
+        return [worker.config()["task_queue"] for worker in self.workers]
 
     @property
     def accounts(self) -> AccountSlotActivities | None:

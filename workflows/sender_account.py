@@ -249,7 +249,11 @@ class SlotBook:
         return counts
 
     def newest(self) -> datetime | None:
-        newest = [times[-1] for times in (self._past, [s.at for s in self.slots[-1:]]) if times]
+        newest = []
+        if self.slots:
+            newest.append(self.slots[-1].at)
+        if self._past:
+            newest.append(self._past[-1])
         return max(newest, default=None)
 
     def booked_after(self, now: datetime) -> int:
