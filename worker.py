@@ -108,6 +108,7 @@ def build_worker(
         # On shutdown, running activities get this long to finish before they are cancelled.
         graceful_shutdown_timeout=timedelta(seconds=20),
         max_cached_workflows=settings.workflow_cache_size,
+        store=store,
     )
 
 

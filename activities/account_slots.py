@@ -1,4 +1,12 @@
-"""Activities that let a lead workflow talk to its sender account's workflow.
+"""Activities that book a lead's sending slots and talk to its sender account's workflow.
+
+With a database (`store`), a slot is booked there, in one transaction that locks the account:
+no Temporal update, no history event on the account's side. The account's workflow still
+keeps its status (rule 8). The database mirrors it, and a booking on an account marked
+disconnected asks the workflow, which remembers the lead and resumes it on reconnection.
+
+Without a database (a what-if run), the account's workflow books the slots with its `reserve`
+update.
 
 A workflow cannot send an update to another workflow, and a signal needs the other workflow
 to exist. These activities send the update through update-with-start, so the account's
@@ -13,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from temporalio import activity
 from temporalio.client import Client, WithStartWorkflowOperation, WorkflowExecutionStatus
@@ -35,6 +43,9 @@ from workflows.sender_account import (
     account_workflow_id,
     accounts_queue,
 )
+
+if TYPE_CHECKING:
+    from sequencer.storage import Store
 
 T = TypeVar("T")
 
@@ -66,6 +77,12 @@ async def _while_busy(call: Callable[[], Awaitable[T]]) -> T:
         await asyncio.sleep(random.uniform(*BUSY_PAUSE))
 
 
+def booking_time() -> datetime:
+    """Return now for a booking: the later of this machine's clock and the server's time when
+    it scheduled the activity, since a time-skipping test server runs ahead of the clock."""
+    return max(datetime.now(UTC), activity.info().current_attempt_scheduled_time)
+
+
 async def _heartbeating(awaitable: Awaitable[T]) -> T:
     """Await `awaitable`, heartbeating every HEARTBEAT_INTERVAL meanwhile.
 
@@ -89,6 +106,7 @@ class AccountSlotActivities:
     """`check_interval` is how often a disconnected account is checked (None: never).
 
     `channels` are the channel activities that `book_and_run_step` can run, by activity name.
+    `store` is the database that books the slots; None leaves them to the account workflows.
     """
 
     def __init__(
@@ -96,8 +114,10 @@ class AccountSlotActivities:
         client: Client,
         check_interval: timedelta | None,
         channels: Mapping[str, Callable[..., Awaitable[Any]]] | None = None,
+        store: Store | None = None,
     ) -> None:
         self._client = client
+        self._store = store
         self._check_interval = check_interval
         self._channels = dict(channels or {})
         # Ids of the account workflows this worker's leads used, for `end_accounts`.
@@ -170,24 +190,68 @@ class AccountSlotActivities:
         self, account: AccountRef, task_queue: str, name: str, argument: object
     ) -> str:
         """Send an operator's update (reconnect, disconnect) to an account; start it if needed."""
-        return await self._client.execute_update_with_start_workflow(
+        answer = await self._client.execute_update_with_start_workflow(
             name,
             argument,
             start_workflow_operation=self._start(account, task_queue),
             result_type=str,
         )
+        if self._store is not None and name in ("reconnect", "disconnect"):
+            await asyncio.to_thread(
+                self._store.set_account_connected, account, name == "reconnect", argument
+            )
+        return answer
 
     @activity.defn(name="reserve_slot")
     async def reserve_slot(self, request: SlotRequest) -> SlotGrant:
         """Book a sending slot on the lead's sender account."""
-        async with self._gate(request.account):
+        return await self._reserve(request, booking_time())
+
+    async def _reserve(self, request: SlotRequest, now: datetime) -> SlotGrant:
+        store = self._store
+        if store is None:
+            return await self._update(request.account, SenderAccountWorkflow.reserve, request)
+        # Twice at most: an account marked disconnected that its workflow finds connected
+        # again is marked so, and then booked.
+        for _ in range(2):
+            grant = await asyncio.to_thread(store.book_slot, request, now)
+            if grant is not None:
+                return grant
+            answer = await self._update(request.account, SenderAccountWorkflow.enlist, request)
+            if not answer.granted:
+                return answer
+            await asyncio.to_thread(store.set_account_connected, request.account, True)
+        return await self._update(request.account, SenderAccountWorkflow.enlist, request)
+
+    async def _update(self, account: AccountRef, update: Any, argument: Any) -> Any:
+        """Send an update to the account's workflow, starting it if needed, while the server
+        accepts no more updates for it."""
+        queue = getattr(argument, "lead_queue", None)
+        async with self._gate(account):
             return await _while_busy(
                 lambda: self._client.execute_update_with_start_workflow(
-                    SenderAccountWorkflow.reserve,
-                    request,
-                    start_workflow_operation=self._start(request.account, request.lead_queue),
+                    update, argument, start_workflow_operation=self._start(account, queue)
                 )
             )
+
+    @activity.defn(name="release_slot")
+    async def release_slot(self, request: SlotRequest) -> None:
+        """Free the slots a lead booked on an account and will not use (still ahead of now)."""
+        if self._store is not None:
+            await asyncio.to_thread(
+                self._store.release_slots, request.workflow_id, booking_time(), request.account.id
+            )
+            return
+        handle = self._client.get_workflow_handle(
+            account_workflow_id(
+                request.account.id, request.lead_queue or activity.info().task_queue
+            )
+        )
+        try:
+            await handle.signal(SenderAccountWorkflow.forget, request.workflow_id)
+        except RPCError as error:
+            if error.status != RPCStatusCode.NOT_FOUND:
+                raise
 
     @activity.defn(name="book_and_run_step")
     async def book_and_run_step(self, booked: BookedStep) -> BookedStepResult:
@@ -205,19 +269,18 @@ class AccountSlotActivities:
                 f"{booked.step.step_number}; register it with the worker's activities",
                 non_retryable=True,
             )
-        grant = await self.reserve_slot(booked.slot)
-        if not grant.granted or grant.at is None or grant.at > datetime.now(UTC):
+        now = booking_time()
+        grant = await self._reserve(booked.slot, now)
+        if not grant.granted or grant.at is None or grant.at > now:
             return BookedStepResult(grant=grant)
         return BookedStepResult(grant=grant, outcome=await channel(booked.step))
 
     @activity.defn(name="report_account_problem")
     async def report_account_problem(self, problem: AccountProblem) -> str:
         """Mark the sender account disconnected and register the lead to resume with it."""
-        async with self._gate(problem.account):
-            return await _while_busy(
-                lambda: self._client.execute_update_with_start_workflow(
-                    SenderAccountWorkflow.report_problem,
-                    problem,
-                    start_workflow_operation=self._start(problem.account),
-                )
+        answer = await self._update(problem.account, SenderAccountWorkflow.report_problem, problem)
+        if self._store is not None:
+            await asyncio.to_thread(
+                self._store.set_account_connected, problem.account, False, problem.detail
             )
+        return answer

@@ -302,6 +302,7 @@ async def run_engine(folder: Path, count: int, cache_size: int | None = None) ->
                 records.record_activity,
             ],
             account_check_interval=None,
+            store=store,
             **cache_option(cache_size),
         )
         async with worker:

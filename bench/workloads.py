@@ -156,6 +156,7 @@ async def reaction_engine(server_factory, folder: Path, count: int) -> Reaction:
             TASK_QUEUE,
             [channels.send_email, channels.linkedin_step, records.record_activity],
             account_check_interval=None,
+            store=store,
         )
         async with worker:
 

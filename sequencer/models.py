@@ -138,6 +138,11 @@ class EnrollmentInput(BaseModel):
     # Set when the previous run of this enrollment continued as new.
     carried: CarriedState | None = None
     continue_as_new_after: int = Field(default=CONTINUE_AS_NEW_AFTER_EVENTS, ge=10)
+    # The release of the lead workflow's code that the starter expects (RELEASE in
+    # workflows/lead_sequence.py). A run that carries it decides its behaviour from it instead
+    # of calling a patch, which would cost a marker and a search attribute update. None:
+    # started by an older release, so the workflow's patches decide.
+    release: str | None = None
 
 
 class EnrollmentResult(BaseModel):

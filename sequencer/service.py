@@ -25,6 +25,7 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 from temporalio.client import (
     Client,
+    WithStartWorkflowOperation,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -79,13 +80,20 @@ from workflows.lead_machine import LeadSequence, plan_from_steps
 from workflows.lead_sequence import (
     ACCOUNT_KEY,
     CAMPAIGN_KEY,
+    RELEASE,
     STAGE_KEY,
     STATUS_KEY,
     LeadSequenceWorkflow,
     start_search_attributes,
 )
 from workflows.mailbox import MAILBOX_WORKFLOW_TYPE, MailboxWorkflow, mailbox_workflow_id
-from workflows.sender_account import ACCOUNT_WORKFLOW_TYPE, account_workflow_id
+from workflows.sender_account import (
+    ACCOUNT_WORKFLOW_TYPE,
+    AccountState,
+    SenderAccountWorkflow,
+    account_workflow_id,
+    accounts_queue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -793,19 +801,39 @@ class Sequencer:
     # Sender accounts (rule 8)
 
     async def accounts(self) -> list[AccountStatus]:
-        """Return the status of every sender account that a lead has used."""
+        """Return the status of every sender account that a lead has used.
+
+        Sends booked in the database add to those the account's workflow booked. The
+        workflow, where one runs, decides whether the account is connected.
+        """
         client = await self.client()
-        result = []
+        found: dict[str, AccountStatus] = {}
         query = f"WorkflowType = '{ACCOUNT_WORKFLOW_TYPE}' AND ExecutionStatus = 'Running'"
         async for execution in client.list_workflows(query):
             if "/" in execution.id or execution.id.startswith("account-campaign-"):
                 continue  # a what-if run's account, or a campaign's budget of new leads
             handle = client.get_workflow_handle(execution.id)
             try:
-                result.append(await handle.query("status", result_type=AccountStatus))
+                status = await handle.query("status", result_type=AccountStatus)
             except RPCError:
                 continue
-        return sorted(result, key=lambda status: status.id)
+            found[status.id] = status
+        for row in await asyncio.to_thread(self.store.sender_accounts):
+            account = row.account
+            if account.channel == "campaign":
+                continue
+            status = found.get(account.id)
+            if status is None:
+                found[account.id] = status = AccountStatus(
+                    id=account.id,
+                    channel=account.channel,
+                    connected=row.connected,
+                    reason=row.reason,
+                )
+            for kind, count in row.sends_last_24h.items():
+                status.sends_last_24h[kind] = status.sends_last_24h.get(kind, 0) + count
+            status.booked_ahead += row.booked_ahead
+        return [found[account_id] for account_id in sorted(found)]
 
     async def account_action(self, account_id: str, action: str, detail: str | None) -> str:
         """Reconnect or disconnect a sender account, such as `email:rep@acme.test`."""
@@ -821,9 +849,35 @@ class Sequencer:
                 "email:ADDRESS or linkedin:NAME, as `sequencer account list` shows them"
             )
         client = await self.client()
-        handle = client.get_workflow_handle(account_workflow_id(account_id))
+        known = {
+            row.account.id: row.account
+            for row in await asyncio.to_thread(self.store.sender_accounts)
+        }
+        account = known.get(account_id)
+        workflow_id = account_workflow_id(account_id)
         try:
-            return await handle.execute_update(action, detail, result_type=str)
+            if account is None:
+                answer = await client.get_workflow_handle(workflow_id).execute_update(
+                    action, detail, result_type=str
+                )
+            else:
+                # Booked in the database only: the account's workflow may not run yet.
+                account = account.model_copy(
+                    update={"check_interval": self.settings.account_check_interval}
+                )
+                answer = await client.execute_update_with_start_workflow(
+                    action,
+                    detail,
+                    start_workflow_operation=WithStartWorkflowOperation(
+                        SenderAccountWorkflow.run,
+                        AccountState(account=account),
+                        id=workflow_id,
+                        task_queue=accounts_queue(TASK_QUEUE),
+                        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+                        static_summary=f"Sender account {account_id}",
+                    ),
+                    result_type=str,
+                )
         except WorkflowUpdateFailedError as error:
             raise ServiceError(f"{_cause(error)}; nothing changed") from None
         except RPCError as error:
@@ -833,6 +887,14 @@ class Sequencer:
                 f"no sender account {account_id!r} is active: an account appears once a lead "
                 "sends through it; list them with `sequencer account list`"
             ) from None
+        if account is not None:
+            await asyncio.to_thread(
+                self.store.set_account_connected,
+                account,
+                action == "reconnect",
+                None if action == "reconnect" else detail or "disconnected by an operator",
+            )
+        return answer
 
     # Mail that arrives in a sender's mailbox (bounces, replies)
 
@@ -1091,6 +1153,8 @@ async def _start_lead(
     `reuse_policy` allows a second run of the same id only when starting an ended one again.
     """
     campaign = input.campaign
+    if input.release is None:
+        input = input.model_copy(update={"release": RELEASE})
     resumed = ", resumed" if input.resume_steps is not None else ""
     # The values the workflow would set itself, so that its first rest costs no upsert.
     status, stage, account = start_search_attributes(campaign, first_step)

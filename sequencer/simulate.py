@@ -71,7 +71,7 @@ from sequencer.models import (
 )
 from sequencer.temporal import CORE_LOGGER, find_binary, lead_worker, register_search_attributes
 from workflows.lead_machine import Ignored, LeadSequence, plan_from_steps
-from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.lead_sequence import RELEASE, LeadSequenceWorkflow
 
 EventType = Literal[
     "bounce",
@@ -348,7 +348,7 @@ async def run_simulation(
         for lead in leads:
             handles[lead.key] = await client.start_workflow(
                 LeadSequenceWorkflow.run,
-                EnrollmentInput(campaign=campaign, lead=lead),
+                EnrollmentInput(campaign=campaign, lead=lead, release=RELEASE),
                 id=f"{workflow_id_for(campaign.id, lead.key)}-{uuid.uuid4().hex[:8]}",
                 task_queue=task_queue,
             )

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Index,
     Integer,
     MetaData,
     String,
@@ -37,7 +38,17 @@ from sqlalchemy.engine import Engine
 from sequencer.addresses import InvalidEmailError, normalize_email
 from sequencer.campaign import Campaign
 from sequencer.channels import FINAL_STATUSES, EnrollmentStatus, StepStatus
-from sequencer.models import Lead, LogEntry, RecordInput, StepState, TaskInput
+from sequencer.models import (
+    AccountRef,
+    Lead,
+    LogEntry,
+    RecordInput,
+    SlotGrant,
+    SlotRequest,
+    StepState,
+    TaskInput,
+)
+from workflows.sender_account import WINDOW, Slot, SlotBook, cap_detail
 
 metadata = MetaData()
 
@@ -159,6 +170,37 @@ email_sends = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False),
 )
 
+# Sender accounts whose sends are booked in this database, and whether each can send. A lead
+# that books a slot locks its account's row first, so that two bookings on one account, from
+# any worker, never interleave. `connected` mirrors the account's workflow, which decides:
+# a booking on an account marked disconnected asks that workflow, and so does an operator.
+sender_accounts = Table(
+    "sender_accounts",
+    metadata,
+    Column("id", String(160), primary_key=True),
+    Column("account", JSON, nullable=False),
+    Column("connected", Boolean, nullable=False, default=True),
+    Column("reason", Text),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+)
+
+# The sending slots booked on each account: one per lead and step, kept for the 24 hours after
+# their time that the daily caps count, and deleted when the account books after that.
+sending_slots = Table(
+    "sending_slots",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("account_id", String(160), nullable=False),
+    Column("kind", String(32), nullable=False),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("workflow_id", String(128), nullable=False),
+    Column("step", Integer, nullable=False),
+    UniqueConstraint("account_id", "workflow_id", "step"),
+    Index("ix_sending_slots_account_at", "account_id", "at"),
+    Index("ix_sending_slots_account_kind_at", "account_id", "kind", "at"),
+    Index("ix_sending_slots_workflow_id", "workflow_id"),
+)
+
 SEND_CLAIMED = "claimed"
 SEND_SENDING = "sending"
 SEND_SENT = "sent"
@@ -218,6 +260,17 @@ def _send_row(row: Any) -> SendRow:
         detail=row.detail,
         updated_at=_aware(row.updated_at),
     )
+
+
+@dataclass
+class AccountRow:
+    """A sender account as the database knows it: the last 24 hours of its booked sends."""
+
+    account: AccountRef
+    connected: bool
+    reason: str | None
+    sends_last_24h: dict[str, int]
+    booked_ahead: int
 
 
 @dataclass
@@ -611,6 +664,111 @@ class Store:
                 )
             )
 
+    # Sending slots: the daily caps and spacing of sender accounts
+
+    def book_slot(self, request: SlotRequest, now: datetime) -> SlotGrant | None:
+        """Book the next free slot from `now` for one step of one lead on its account.
+
+        The same lead and step get the slot they booked before. Returns None, booking nothing,
+        when the account is marked disconnected: its workflow then decides (rule 8).
+        """
+        account_id = request.account.id
+        with self.engine.begin() as connection:
+            # A write first, so that the booking holds the lock until it commits: the
+            # database's on SQLite, the account's row on PostgreSQL.
+            connection.execute(
+                self._insert(sender_accounts)
+                .values(
+                    id=account_id,
+                    account=request.account.model_dump(mode="json"),
+                    connected=True,
+                    updated_at=now,
+                )
+                .on_conflict_do_update(index_elements=["id"], set_={"updated_at": now})
+            )
+            connected = connection.execute(
+                select(sender_accounts.c.connected).where(sender_accounts.c.id == account_id)
+            ).scalar_one()
+            if not connected:
+                return None
+            mine = (
+                sending_slots.c.account_id == account_id,
+                sending_slots.c.workflow_id == request.workflow_id,
+                sending_slots.c.step == request.step,
+            )
+            booked = connection.execute(select(sending_slots.c.at).where(*mine)).scalar()
+            if booked is not None:
+                return SlotGrant(granted=True, at=max(_aware(booked), now))
+            connection.execute(
+                sending_slots.delete().where(
+                    sending_slots.c.account_id == account_id, sending_slots.c.at <= now - WINDOW
+                )
+            )
+            book = SlotBook(_slots_that_limit(connection, request, now))
+            at, reason = book.next_free(now, request.kind, request.cap, request.spacing)
+            connection.execute(
+                sending_slots.insert().values(
+                    account_id=account_id,
+                    kind=request.kind,
+                    at=at,
+                    workflow_id=request.workflow_id,
+                    step=request.step,
+                )
+            )
+        detail = cap_detail(account_id, request.cap, request.kind) if reason == "cap" else None
+        return SlotGrant(granted=True, at=at, reason=reason, detail=detail)
+
+    def release_slots(self, workflow_id: str, now: datetime, account_id: str | None = None) -> int:
+        """Free the slots a lead booked and will not use: those still ahead of `now`."""
+        condition = [sending_slots.c.workflow_id == workflow_id, sending_slots.c.at > now]
+        if account_id is not None:
+            condition.append(sending_slots.c.account_id == account_id)
+        with self.engine.begin() as connection:
+            return connection.execute(sending_slots.delete().where(*condition)).rowcount
+
+    def set_account_connected(
+        self, account: AccountRef, connected: bool, reason: str | None = None
+    ) -> None:
+        """Mirror what the account's workflow decided: it can send, or it cannot and why."""
+        values = {"connected": connected, "reason": reason, "updated_at": _now()}
+        with self.engine.begin() as connection:
+            connection.execute(
+                self._insert(sender_accounts)
+                .values(id=account.id, account=account.model_dump(mode="json"), **values)
+                .on_conflict_do_update(index_elements=["id"], set_=values)
+            )
+
+    def sender_accounts(self) -> list[AccountRow]:
+        """Return every account that booked a slot here, with its sends of the last 24 hours."""
+        now = _now()
+        with self.engine.connect() as connection:
+            accounts = connection.execute(select(sender_accounts)).all()
+            counts = connection.execute(
+                select(sending_slots.c.account_id, sending_slots.c.kind, func.count())
+                .where(sending_slots.c.at > now - WINDOW, sending_slots.c.at <= now)
+                .group_by(sending_slots.c.account_id, sending_slots.c.kind)
+            ).all()
+            ahead = dict(
+                connection.execute(
+                    select(sending_slots.c.account_id, func.count())
+                    .where(sending_slots.c.at > now)
+                    .group_by(sending_slots.c.account_id)
+                ).all()
+            )
+        sent: dict[str, dict[str, int]] = defaultdict(dict)
+        for account_id, kind, count in counts:
+            sent[account_id][kind] = count
+        return [
+            AccountRow(
+                account=AccountRef.model_validate(row.account),
+                connected=row.connected,
+                reason=row.reason,
+                sends_last_24h=sent.get(row.id, {}),
+                booked_ahead=ahead.get(row.id, 0),
+            )
+            for row in sorted(accounts, key=lambda row: row.id)
+        ]
+
     def list_sends(self, state: str | None = None) -> list[SendRow]:
         query = select(email_sends).order_by(email_sends.c.updated_at)
         if state is not None:
@@ -931,6 +1089,40 @@ def _enrollment(row) -> EnrollmentRow:
     values["enrolled_at"] = _aware(values["enrolled_at"])
     values["updated_at"] = _aware(values["updated_at"])
     return EnrollmentRow(**values)
+
+
+def _slots_that_limit(connection, request: SlotRequest, now: datetime) -> list[Slot]:
+    """Return the account's booked slots that can hold back a new one from `now`.
+
+    Those closer than the spacing, and those of the request's kind within 24 hours when there
+    are as many as the cap: with fewer, no window from `now` can reach it.
+    """
+    columns = select(
+        sending_slots.c.id,
+        sending_slots.c.at,
+        sending_slots.c.kind,
+        sending_slots.c.workflow_id,
+        sending_slots.c.step,
+    ).where(sending_slots.c.account_id == request.account.id)
+    queries = []
+    if request.spacing > timedelta(0):
+        queries.append(columns.where(sending_slots.c.at > now - request.spacing))
+    if request.cap is not None:
+        recent = columns.where(
+            sending_slots.c.kind == request.kind, sending_slots.c.at > now - WINDOW
+        )
+        count = connection.execute(
+            select(func.count()).select_from(recent.limit(request.cap).subquery())
+        ).scalar_one()
+        if count >= request.cap:
+            queries.append(recent)
+    slots: dict[int, Slot] = {}
+    for query in queries:
+        for row in connection.execute(query):
+            slots[row.id] = Slot(
+                at=_aware(row.at), kind=row.kind, workflow_id=row.workflow_id, step=row.step
+            )
+    return list(slots.values())
 
 
 def _sqlite_pragmas(connection, _record) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AsyncExitStack
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from temporalio.activity import _Definition as _ActivityDefinition
 from temporalio.api.enums.v1 import IndexedValueType
@@ -45,6 +45,9 @@ from sequencer.models import QUEUED_CHANNELS, SEARCH_ATTRIBUTES, WORKER_ROLES, c
 from workflows.lead_sequence import ACTIVITY_FOR_CHANNEL, LeadSequenceWorkflow
 from workflows.mailbox import MailboxWorkflow
 from workflows.sender_account import SenderAccountWorkflow, accounts_queue
+
+if TYPE_CHECKING:
+    from sequencer.storage import Store
 
 # How often a disconnected sender account is checked, unless configured otherwise.
 DEFAULT_ACCOUNT_CHECK_INTERVAL = timedelta(minutes=15)
@@ -293,6 +296,7 @@ def lead_worker(
     end_accounts: bool = False,
     roles: Collection[str] = WORKER_ROLES,
     channel_options: Mapping[str, Mapping[str, Any]] | None = None,
+    store: Store | None = None,
     **options: Any,
 ) -> LeadWorker:
     """Build a worker for the lead, sender-account and mailbox workflows, with the activities.
@@ -308,6 +312,9 @@ def lead_worker(
     their accounts' queue; "email" and "linkedin" are the queues of those channels' activities
     (`channel_queue`). `options` go to every `Worker` as they are, and `channel_options` by
     channel to that channel's worker only: its concurrency and rate limits.
+
+    `store` is the database where sending slots are booked. Without one, the account
+    workflows book them, which costs an update and its events per send.
     """
     choices = ", ".join(WORKER_ROLES)
     if not roles:
@@ -320,11 +327,14 @@ def lead_worker(
         for function in activities
         if (definition := activity_definition(function)) is not None and definition.name
     }
-    slots = AccountSlotActivities(client, check_interval=account_check_interval, channels=channels)
+    slots = AccountSlotActivities(
+        client, check_interval=account_check_interval, channels=channels, store=store
+    )
     every_activity = [
         *activities,
         slots.reserve_slot,
         slots.book_and_run_step,
+        slots.release_slot,
         slots.report_account_problem,
     ]
     workers: list[Worker] = []

@@ -14,9 +14,11 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+from sqlalchemy import func, select
 from temporalio import activity
 from temporalio.client import WorkflowExecutionStatus, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.accounts import AccountCheck, AccountCheckInput
 from sequencer.campaign import Sender, parse_campaign
@@ -34,13 +36,25 @@ from sequencer.models import (
     StepOutcome,
 )
 from sequencer.schedule import SendingSchedule
+from sequencer.storage import Store, sending_slots
 from sequencer.temporal import lead_worker
-from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.lead_sequence import RELEASE, LeadSequenceWorkflow
 from workflows.sender_account import AccountState, SenderAccountWorkflow, account_workflow_id
 
 DAY = timedelta(days=1)
 HOUR = timedelta(hours=1)
 MINUTE = timedelta(minutes=1)
+
+
+@pytest.fixture(params=["account workflow", "database"])
+def store(request, tmp_path):
+    """Where the worker books sending slots: None for the account workflows, or a database."""
+    if request.param == "account workflow":
+        yield None
+        return
+    store = Store(f"sqlite:///{tmp_path / 'slots.db'}")
+    yield store
+    store.close()
 
 
 def lead(number: int = 0) -> Lead:
@@ -118,19 +132,32 @@ class Channels:
 
 
 class Run:
-    """Leads of one campaign on a worker of their own task queue."""
+    """Leads of one campaign on a worker of their own task queue.
 
-    def __init__(self, env, channels: Channels, check_interval: timedelta | None = None):
+    With a `store`, the worker books sending slots in that database, and leads start as the
+    current release starts them; without, the account workflows book them, and leads start
+    as the previous release did.
+    """
+
+    def __init__(
+        self,
+        env,
+        channels: Channels,
+        check_interval: timedelta | None = None,
+        store: Store | None = None,
+    ):
         self.env = env
         self.channels = channels
         self.task_queue = f"interruptions-{uuid.uuid4()}"
         self.leads: list[WorkflowHandle] = []
+        self.release = RELEASE if store is not None else None
         self.worker = lead_worker(
             env.client,
             self.task_queue,
             channels.activities(),
             account_check_interval=check_interval,
             end_accounts=True,
+            store=store,
         )
 
     async def __aenter__(self) -> Run:
@@ -149,7 +176,7 @@ class Run:
     async def start(self, camp, lead: Lead) -> WorkflowHandle:
         handle = await self.env.client.start_workflow(
             LeadSequenceWorkflow.run,
-            EnrollmentInput(campaign=camp, lead=lead),
+            EnrollmentInput(campaign=camp, lead=lead, release=self.release),
             id=f"lead-{uuid.uuid4()}",
             task_queue=self.task_queue,
         )
@@ -360,11 +387,11 @@ async def test_already_connected_lead_gets_the_message_on_time(time_skipping_env
 # Sender accounts (rule 8)
 
 
-async def test_disconnected_account_pauses_its_leads_until_reconnected(time_skipping_env):
+async def test_disconnected_account_pauses_its_leads_until_reconnected(time_skipping_env, store):
     env = time_skipping_env
     channels = Channels()
     channels.broken.add("rep@acme.test")
-    async with Run(env, channels) as run:
+    async with Run(env, channels, store=store) as run:
         camp = campaign(email("1d"), email())
         first = await run.start(camp, lead(1))
         await until(first, lambda r: r.status == "paused", "the first lead pauses")
@@ -394,11 +421,11 @@ async def test_disconnected_account_pauses_its_leads_until_reconnected(time_skip
         assert DAY <= lead_result.steps[1].at - lead_result.steps[0].at < DAY + MINUTE
 
 
-async def test_health_check_resumes_leads(time_skipping_env):
+async def test_health_check_resumes_leads(time_skipping_env, store):
     env = time_skipping_env
     channels = Channels()
     channels.broken.add("rep@acme.test")
-    async with Run(env, channels, check_interval=timedelta(minutes=15)) as run:
+    async with Run(env, channels, check_interval=timedelta(minutes=15), store=store) as run:
         handle = await run.start(campaign(email()), lead())
         await until(handle, lambda r: r.status == "paused", "the lead pauses")
         await env.sleep(HOUR)
@@ -411,11 +438,11 @@ async def test_health_check_resumes_leads(time_skipping_env):
     assert HOUR <= sent_at <= HOUR + timedelta(minutes=16)
 
 
-async def test_reassign_moves_a_paused_lead_to_another_sender(time_skipping_env):
+async def test_reassign_moves_a_paused_lead_to_another_sender(time_skipping_env, store):
     env = time_skipping_env
     channels = Channels()
     channels.broken.add("rep@acme.test")
-    async with Run(env, channels) as run:
+    async with Run(env, channels, store=store) as run:
         handle = await run.start(campaign(email()), lead())
         await until(handle, lambda r: r.status == "paused", "the lead pauses")
         # Operators find the leads waiting on an account with these two search attributes.
@@ -499,11 +526,11 @@ def busiest_day(times: list[datetime]) -> int:
     return max(sum(1 for t in times if start <= t < start + DAY) for start in times)
 
 
-async def test_daily_cap_across_200_leads(time_skipping_env):
+async def test_daily_cap_across_200_leads(time_skipping_env, store):
     env = time_skipping_env
     channels = Channels()
     camp = campaign(email(), sender={"email": "rep@acme.test", "daily_limit": 50})
-    async with Run(env, channels) as run:
+    async with Run(env, channels, store=store) as run:
         handles = [await run.start(camp, lead(n)) for n in range(200)]
         results = []
         for handle in handles:
@@ -519,6 +546,28 @@ async def test_daily_cap_across_200_leads(time_skipping_env):
     assert sorted(by_day.values()) == [50, 50, 50, 50]
     paused = [r for r in results if "paused" in events(r)]
     assert len(paused) == 150
+    if store is not None:
+        # Booked in the database: the account's workflow never started, and the leads of the
+        # current release record no patch marker.
+        assert not await started(run.account("email:rep@acme.test"))
+        with store.engine.connect() as connection:
+            assert (
+                connection.execute(select(func.count()).select_from(sending_slots)).scalar() == 200
+            )
+        history = await handles[0].fetch_history()
+        assert not any(e.HasField("marker_recorded_event_attributes") for e in history.events)
+    else:
+        assert await started(run.account("email:rep@acme.test"))
+
+
+async def started(handle: WorkflowHandle) -> bool:
+    """Return whether the workflow was ever started."""
+    try:
+        await handle.describe()
+    except RPCError as error:
+        assert error.status == RPCStatusCode.NOT_FOUND
+        return False
+    return True
 
 
 async def test_reconnect_while_the_cap_is_reached(time_skipping_env):
@@ -542,10 +591,10 @@ async def test_reconnect_while_the_cap_is_reached(time_skipping_env):
     assert busiest_day([r.steps[0].at for r in done]) == 1
 
 
-async def test_min_spacing_between_two_sends(time_skipping_env):
+async def test_min_spacing_between_two_sends(time_skipping_env, store):
     env = time_skipping_env
     camp = campaign(email(), sender={"email": "rep@acme.test", "min_spacing": "10m"})
-    async with Run(env, Channels()) as run:
+    async with Run(env, Channels(), store=store) as run:
         handles = [await run.start(camp, lead(n)) for n in range(4)]
         done = [await result(h) for h in handles]
     times = sorted(r.steps[0].at for r in done)
@@ -556,10 +605,10 @@ async def test_min_spacing_between_two_sends(time_skipping_env):
     assert all("paused" not in events(r) for r in done)
 
 
-async def test_campaign_new_leads_per_day(time_skipping_env):
+async def test_campaign_new_leads_per_day(time_skipping_env, store):
     env = time_skipping_env
     camp = campaign(email(), max_new_leads_per_day=2)
-    async with Run(env, Channels()) as run:
+    async with Run(env, Channels(), store=store) as run:
         handles = [await run.start(camp, lead(n)) for n in range(5)]
         done = [await result(h) for h in handles]
     times = sorted(r.steps[0].at for r in done)
@@ -618,11 +667,11 @@ async def test_account_continues_as_new_and_keeps_its_bookings(time_skipping_env
     assert latest.run_id != first_run.result_run_id
 
 
-async def test_resumed_or_reassigned_lead_keeps_its_place(time_skipping_env):
+async def test_resumed_or_reassigned_lead_keeps_its_place(time_skipping_env, store):
     env = time_skipping_env
     channels = Channels()
     camp = campaign(email(), sender={"email": "rep@acme.test", "daily_limit": 1})
-    async with Run(env, channels) as run:
+    async with Run(env, channels, store=store) as run:
         # One lead at a time, so that they book the slots in this order.
         first = await run.start(camp, lead(1))
         await until(first, lambda r: r.steps[0].status == "sent", "the first lead is sent")

@@ -15,7 +15,7 @@ from temporalio.client import Client, WorkflowHandle
 
 from sequencer.models import EnrollmentInput, LateFailure, OperatorAction
 from tests.test_interruptions import DAY, Channels, Run, campaign, email, lead, result
-from workflows.lead_sequence import LeadSequenceWorkflow
+from workflows.lead_sequence import RELEASE, LeadSequenceWorkflow
 
 SAVE_HISTORIES = os.environ.get("SEQUENCER_SAVE_HISTORIES")
 THRESHOLD = 40
@@ -29,6 +29,7 @@ async def start(run: Run, threshold: int) -> WorkflowHandle:
             campaign=campaign(email("30d"), email("60d"), email()),
             lead=lead(),
             continue_as_new_after=threshold,
+            release=RELEASE,
         ),
         id=f"lead-{uuid.uuid4()}",
         task_queue=run.task_queue,

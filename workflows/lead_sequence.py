@@ -131,6 +131,10 @@ SEQUENCER_2 = "sequencer-2"
 # runs the email and LinkedIn activities on their channels' task queues (`channel_queue`),
 # so that separate workers can run them. Runs with SEQUENCER_2 keep them on the lead's queue.
 LATEST = "sequencer-3"
+# New runs carry this in their input (EnrollmentInput.release) and call no patch. It has what
+# LATEST has, and a lead that no longer needs a slot it booked frees it with the `release_slot`
+# activity, since the slot may be booked in the database rather than by the account workflow.
+RELEASE = "sequencer-4"
 # How long the booking of a slot and the step that follows it may take in all: a booking can
 # queue on the worker behind others for the same account.
 BOOKED_STEP_TIMEOUT = timedelta(minutes=12)
@@ -190,6 +194,9 @@ class LeadSequenceWorkflow:
         self._at_rest_only = False
         # Whether email and LinkedIn activities run on their channels' task queues (LATEST).
         self._channel_queues = False
+        # Whether a slot the lead will not use is freed with the `release_slot` activity
+        # (RELEASE), rather than with the account workflow's `forget` signal.
+        self._release_slots = False
         self._resume_at = None
         self._ignored: list[str] = []
         self._interruptions = False
@@ -202,7 +209,19 @@ class LeadSequenceWorkflow:
     @workflow.run
     async def run(self, input: EnrollmentInput) -> EnrollmentResult:
         machine = self._machine
-        if workflow.patched(LATEST):
+        if input.release == RELEASE:
+            self._interruptions = self._account_attribute = self._may_continue = True
+            self._records_first = self._at_rest_only = self._channel_queues = True
+            self._search_attributes = self._attributes_at_start()
+            self._release_slots = True
+        elif input.release is not None:
+            # Started by a newer release: fail the workflow task until a worker that knows
+            # it takes the lead, rather than run it as an older one would.
+            raise RuntimeError(
+                f"this worker runs lead workflows up to release {RELEASE}, and this lead was "
+                f"started for release {input.release}: upgrade the worker"
+            )
+        elif workflow.patched(LATEST):
             self._interruptions = self._account_attribute = self._may_continue = True
             self._records_first = self._at_rest_only = self._channel_queues = True
             self._search_attributes = self._attributes_at_start()
@@ -768,19 +787,39 @@ class LeadSequenceWorkflow:
 
     def _forget_account(self) -> None:
         """Tell the account this lead waited for, or held a slot on, that it no longer does."""
-        accounts = {self._account_wait} if self._account_wait else set()
-        if self._slot is not None:
-            accounts.add(self._slot[1])
+        waiting, held = self._account_wait, self._slot
         self._account_wait = None
         self._slot = None
         if not self._interruptions:
             return
+        accounts = {waiting} if waiting else set()
+        if held is not None and not self._release_slots:
+            accounts.add(held[1])
+        elif held is not None and held[2] > workflow.now():
+            self._signals.append(asyncio.create_task(self._release_slot(held[0], held[1])))
         task_queue = workflow.info().task_queue
         for account_id in sorted(accounts):
             handle = workflow.get_external_workflow_handle(
                 account_workflow_id(account_id, task_queue)
             )
             self._signals.append(asyncio.create_task(_signal_quietly(handle, "forget")))
+
+    async def _release_slot(self, step: int, account_id: str) -> None:
+        """Free the slot booked for `step` on the account, wherever it was booked."""
+        channel = account_id.partition(":")[0]
+        await workflow.execute_activity(
+            "release_slot",
+            SlotRequest(
+                account=AccountRef(id=account_id, channel=channel, check_interval=None),
+                workflow_id=workflow.info().workflow_id,
+                step=step,
+                kind="release",
+                lead_queue=workflow.info().task_queue,
+            ),
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RECORD_RETRY,
+            summary=f"free the slot of step {step} on {account_id}",
+        )
 
     async def _sleep_until(self, action: Sleep) -> None:
         step = self._input.campaign.steps[action.step - 1]

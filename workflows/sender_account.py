@@ -58,6 +58,11 @@ def account_workflow_id(account_id: str, task_queue: str = TASK_QUEUE) -> str:
     return base if task_queue == TASK_QUEUE else f"{task_queue}/{base}"
 
 
+def cap_detail(account_id: str, cap: int | None, kind: str) -> str:
+    """Explain a send held back by the account's cap of `kind` sends in 24 hours."""
+    return f"{account_id} reached its limit of {cap} {kind} sends in 24 hours"
+
+
 def accounts_queue(task_queue: str) -> str:
     """Return the task queue of the account workflows that the leads of `task_queue` use."""
     return f"{task_queue}-accounts"
@@ -348,11 +353,18 @@ class SenderAccountWorkflow:
         )
         detail = None
         if reason == "cap":
-            detail = (
-                f"{state.account.id} reached its limit of {request.cap} {request.kind} sends "
-                "in 24 hours"
-            )
+            detail = cap_detail(state.account.id, request.cap, request.kind)
         return SlotGrant(granted=True, at=at, reason=reason, detail=detail)
+
+    @workflow.update
+    def enlist(self, request: SlotRequest) -> SlotGrant:
+        """Answer a lead whose slot is booked in the database, which marks the account
+        disconnected: refuse and remember the lead while it is, else grant without booking."""
+        self._touch()
+        if not self._state.connected:
+            self._wait_for_account(request.workflow_id)
+            return SlotGrant(granted=False, reason="disconnected", detail=self._state.reason)
+        return SlotGrant(granted=True)
 
     @workflow.update
     def report_problem(self, problem: AccountProblem) -> str:
