@@ -29,6 +29,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from sequencer.channels import StepStatus
 from sequencer.models import (
     AccountProblem,
     AccountRef,
@@ -37,6 +38,7 @@ from sequencer.models import (
     SlotGrant,
     SlotRequest,
 )
+from workflows.lead_machine import finish_step
 from workflows.sender_account import (
     AccountState,
     SenderAccountWorkflow,
@@ -273,7 +275,36 @@ class AccountSlotActivities:
         grant = await self._reserve(booked.slot, now)
         if not grant.granted or grant.at is None or grant.at > now:
             return BookedStepResult(grant=grant)
-        return BookedStepResult(grant=grant, outcome=await channel(booked.step))
+        result = BookedStepResult(grant=grant, outcome=await channel(booked.step))
+        if booked.finish is not None and self._store is not None:
+            await self._write_end(booked, result)
+        return result
+
+    async def _write_end(self, booked: BookedStep, result: BookedStepResult) -> None:
+        """Write the lead's end when its last step was sent, and say so in `result`.
+
+        A failed write is left to the workflow, which writes at rest and retries until the
+        database is back: the step must not run again for it.
+        """
+        assert booked.finish is not None and result.outcome is not None and self._store
+        if result.outcome.status != StepStatus.SENT:
+            return
+        at = booking_time()
+        record = finish_step(booked.finish, booked.step.step_number, result.outcome, at)
+        if record is None:
+            return
+        try:
+            await asyncio.to_thread(self._store.record, record)
+        except Exception as error:  # noqa: BLE001 - the workflow writes the same entries later
+            activity.logger.warning(
+                "Step %d of %s was sent; its log is left to the workflow: %s",
+                booked.step.step_number,
+                booked.step.workflow_id,
+                error,
+            )
+            return
+        result.recorded_at = at
+        result.recorded = record.entries
 
     @activity.defn(name="report_account_problem")
     async def report_account_problem(self, problem: AccountProblem) -> str:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, Field
 
 from sequencer.campaign import Campaign, LinkedInAccount, Sender, Step
 from sequencer.channels import StepStatus
+from sequencer.schedule import SendingSchedule
 
 TASK_QUEUE = "sequencer"
 # Channels whose activities run on a task queue of their own (`channel_queue`), so that their
@@ -302,22 +303,54 @@ class SlotGrant(BaseModel):
     detail: str | None = None
 
 
+class PlanStep(BaseModel):
+    """A campaign step as the lead's state machine plans it."""
+
+    type: str
+    wait_after: timedelta
+
+
+class StepFinish(BaseModel):
+    """What the activity of a lead's last step needs to write the lead's end itself.
+
+    When the step is sent, the activity applies the outcome to the state machine rebuilt from
+    these, and writes the entries not written yet and those of the end, with the lead's final
+    status. The workflow then applies the same outcome at the same time and finds the same
+    entries, so it writes nothing more: one activity fewer per lead.
+    """
+
+    steps: list[PlanStep]
+    schedule: SendingSchedule | None = None
+    invite_timeout: timedelta
+    # The machine's state without its log; its entries are numbered after those of the log.
+    machine: MachineSnapshot
+    # The lead's identity and the entries not written yet.
+    record: RecordInput
+
+
 class BookedStep(BaseModel):
     """A step that sends through a sender account: book its slot, then run it if the slot is now.
 
-    `activity` is the name of the channel activity that runs the step.
+    `activity` is the name of the channel activity that runs the step. `finish` is set for the
+    lead's last step when the activity may write the lead's end (StepFinish).
     """
 
     activity: str
     slot: SlotRequest
     step: StepInput
+    finish: StepFinish | None = None
 
 
 class BookedStepResult(BaseModel):
-    """The slot booked for a step and, when that slot was free at once, the step's outcome."""
+    """The slot booked for a step and, when that slot was free at once, the step's outcome.
+
+    `recorded` are the entries the activity wrote with the lead's end, at `recorded_at`.
+    """
 
     grant: SlotGrant
     outcome: StepOutcome | None = None
+    recorded_at: datetime | None = None
+    recorded: list[LogEntry] = Field(default_factory=list)
 
 
 class AccountProblem(BaseModel):

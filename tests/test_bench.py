@@ -33,14 +33,14 @@ async def test_bench_writes_report(tmp_path: Path) -> None:
         and cells[1].replace(".", "").isdigit()
     }
     # Per step of a lead that never waits, the engine runs its channel activity, which books
-    # the slot in the database first, and once per lead one log write at the end. It upserts
-    # search attributes once per lead, the final status; it calls no patch, so records no
-    # marker, and sends no update to a sender account's workflow.
-    assert counts["activity"] == (1.2, 1.0)
+    # the slot in the database first; the last one also writes the log and the lead's end.
+    # It upserts search attributes once per lead, the final status; it calls no patch, so
+    # records no marker, and sends no update to a sender account's workflow.
+    assert counts["activity"] == (1.0, 1.0)
     assert counts["search attribute update"] == (0.2, 0.0)
     for none in ("marker (patch)", "update (sender accounts)", "events (sender accounts)"):
         assert counts.get(none, (0.0, 0.0)) == (0.0, 0.0)
-    assert "| **billable actions** | **1.60** | **1.20** |" in report
+    assert "| **billable actions** | **1.40** | **1.20** |" in report
     # Every lead reacted to its bounce: the visit started after the bounce was sent.
     engine_reaction = next(line for line in report.splitlines() if line.startswith("| engine |"))
     p50, p99, longest = (float(cell) for cell in engine_reaction.strip("|").split("|")[1:4])

@@ -47,7 +47,13 @@ from sequencer.storage import Store
 from sequencer.temporal import find_binary
 from tests.test_compose import COMPOSE_FILE, ENV_EXAMPLE, environment_of, interpolate
 from tests.test_stack_e2e import StackProcess, run_cli, wait_until
-from workflows.lead_sequence import ACCOUNT_KEY, CAMPAIGN_KEY, STAGE_KEY, STATUS_KEY
+from workflows.lead_sequence import (
+    ACCOUNT_KEY,
+    CAMPAIGN_KEY,
+    STAGE_KEY,
+    STATUS_KEY,
+    LeadSequenceWorkflow,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 KEY_VARIABLES = (
@@ -801,7 +807,7 @@ async def test_history_holds_no_lead_data(tmp_path):
             await asyncio.sleep(0.5)
         statuses = {row.lead_key: row.status for row in service.enrollments("encrypted")}
         assert statuses[LEAD_EMAIL] == "completed"
-        # The service reads the encrypted results of queries through its codec.
+        # Both accounts booked their slots in the database, which lists them.
         accounts = await service.accounts()
         assert {account.id for account in accounts} == {"email:rep@acme.test", "linkedin:default"}
 
@@ -810,6 +816,11 @@ async def test_history_holds_no_lead_data(tmp_path):
         workflow_ids = [item.id async for item in plain_client.list_workflows()]
         lead_ids = {row.lead_key: row.workflow_id for row in service.enrollments("encrypted")}
         assert set(lead_ids.values()) <= set(workflow_ids)
+        # The service reads the encrypted results of queries through its codec.
+        state = await codec_client.get_workflow_handle(lead_ids[LEAD_EMAIL]).query(
+            LeadSequenceWorkflow.activity
+        )
+        assert state.status == "completed"
         found: dict[str, list[str]] = {}
         payload_count = 0
         failures = []
@@ -966,7 +977,6 @@ def test_local_ui_decodes_after_opt_in(tmp_path):
             return report.returncode == 0 and '"sent"' in report.stdout
 
         wait_until(first_email_sent, stack.describe, "the first email is sent", timeout=60)
-        # The account list comes from queries, whose encrypted results the command decrypts.
         accounts = run_cli(home, "account", "list", "--json")
         assert accounts.returncode == 0, accounts.stderr
         assert "email:rep@acme.test" in accounts.stdout

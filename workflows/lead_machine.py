@@ -46,7 +46,14 @@ from sequencer.channels import (
     StepType,
 )
 from sequencer.durations import format_duration
-from sequencer.models import LogEntry, MachineSnapshot, StepState
+from sequencer.models import (
+    LogEntry,
+    MachineSnapshot,
+    RecordInput,
+    StepFinish,
+    StepOutcome,
+    StepState,
+)
 
 # Enrollment lifecycle: trigger, source state(s), destination state.
 TRANSITIONS = [
@@ -237,6 +244,18 @@ class LeadSequence:
             raise ValueError("an ended enrollment has no next run")
         if self._flushed != len(self.log):
             raise ValueError("write the new log entries before taking a snapshot")
+        return self._snapshot([entry.model_copy() for entry in self.log], self.seq_offset)
+
+    def handover(self) -> tuple[MachineSnapshot, list[LogEntry]]:
+        """Return the state of a running enrollment for applying a step's outcome elsewhere,
+        and the log entries not written yet.
+
+        The snapshot carries no log: its entries are numbered after the log's, as here.
+        """
+        snapshot = self._snapshot([], self.seq_offset + len(self.log))
+        return snapshot, [entry.model_copy() for entry in self.log[self._flushed :]]
+
+    def _snapshot(self, log: list[LogEntry], seq_offset: int) -> MachineSnapshot:
         return MachineSnapshot(
             state=self.state,
             steps=[step.model_copy() for step in self.steps],
@@ -250,8 +269,8 @@ class LeadSequence:
             pause_reason=self.pause_reason,
             paused_by=self.paused_by,
             paused_remaining=self.paused_remaining,
-            log=[entry.model_copy() for entry in self.log],
-            seq_offset=self.seq_offset,
+            log=log,
+            seq_offset=seq_offset,
             gate_invitations=self.gate_invitations,
         )
 
@@ -332,6 +351,10 @@ class LeadSequence:
         entries = self.log[self._flushed :]
         self._flushed = len(self.log)
         return entries
+
+    def unwritten(self) -> list[LogEntry]:
+        """Return the log entries added since the last `new_entries`, without taking them."""
+        return self.log[self._flushed :]
 
     def next_action(self, now: datetime) -> Action:
         """Decide what the workflow does next: execute, sleep, wait, or stop."""
@@ -862,6 +885,32 @@ def plan_from_steps(steps: list) -> list[PlannedStep]:
         PlannedStep(number=index, type=StepType(step.type), wait_after=step.wait_after)
         for index, step in enumerate(steps, start=1)
     ]
+
+
+def finish_step(
+    finish: StepFinish, number: int, outcome: StepOutcome, now: datetime
+) -> RecordInput | None:
+    """Apply a step's outcome to the machine that `finish` describes; when the enrollment
+    ends with it, return what to write: the entries not written yet, those of the outcome and
+    of the end, and the final status. Else return None: the workflow writes later."""
+    machine = LeadSequence(
+        plan_from_steps(finish.steps),
+        schedule=finish.schedule,
+        invite_timeout=finish.invite_timeout,
+    )
+    machine.carry_on(finish.machine)
+    machine.record_outcome(
+        number, outcome.status, now, outcome.reason, outcome.detail, invitation=outcome.invitation
+    )
+    if not machine.has_ended:
+        return None
+    return finish.record.model_copy(
+        update={
+            "entries": [*finish.record.entries, *machine.new_entries()],
+            "status": machine.status.value,
+            "unsubscribed": machine.unsubscribed,
+        }
+    )
 
 
 def is_task_step(step_type: str) -> bool:

@@ -38,11 +38,13 @@ with workflow.unsafe.imports_passed_through():
         LateFailure,
         LogEntry,
         OperatorAction,
+        PlanStep,
         Reassignment,
         RecordInput,
         Reply,
         SlotGrant,
         SlotRequest,
+        StepFinish,
         StepInput,
         StepOutcome,
         SubscriptionChange,
@@ -565,21 +567,32 @@ class LeadSequenceWorkflow:
         # after this long instead of the whole start-to-close timeout.
         heartbeat = EMAIL_HEARTBEAT_TIMEOUT if step.channel == Channel.EMAIL else None
         summary = f"step {number} of {len(campaign.steps)}: {step.type}"
+        recorded: BookedStepResult | None = None
         try:
             if booking is not None and account is not None:
+                finish = self._finish_for(number)
                 result = await self._run_activity(
                     "book_and_run_step",
                     BookedStep(
-                        activity=ACTIVITY_FOR_CHANNEL[step.channel], slot=booking, step=step_input
+                        activity=ACTIVITY_FOR_CHANNEL[step.channel],
+                        slot=booking,
+                        step=step_input,
+                        finish=finish,
                     ),
                     BookedStepResult,
                     timeout=BOOKED_STEP_TIMEOUT,
                     heartbeat=heartbeat,
                     summary=f"{summary}, once a slot on {account.id} is free",
                     task_queue=self._queue_for(step.channel),
+                    # The activity numbers the entries it may write after the log as it is
+                    # now, so nothing may add to the log before it ends: an operator's pause
+                    # waits until then, which for the last step changes nothing.
+                    watch_controls=finish is None,
                 )
                 if result.outcome is not None:
                     outcome = result.outcome
+                    if result.recorded_at is not None:
+                        recorded = result
                 elif not self._take_grant(number, step.type, account, result.grant):
                     return
                 else:
@@ -609,11 +622,26 @@ class LeadSequenceWorkflow:
         machine.record_outcome(
             number,
             outcome.status,
-            workflow.now(),
+            recorded.recorded_at if recorded and recorded.recorded_at else workflow.now(),
             outcome.reason,
             outcome.detail,
             invitation=outcome.invitation,
         )
+        if recorded is not None:
+            self._take_written(recorded.recorded)
+
+    def _take_written(self, written: list[LogEntry]) -> None:
+        """Count as written the entries a step's activity wrote with the lead's end, when they
+        are the ones the log holds; else they are written again at rest, where the entries
+        already there are kept."""
+        machine = self._machine
+        if machine.unwritten() == written:
+            machine.new_entries()
+        else:
+            workflow.logger.warning(
+                "Lead %s: the entries its last step wrote differ from its log; writing the log",
+                workflow.info().workflow_id,
+            )
 
     async def _run_activity(
         self,
@@ -625,10 +653,11 @@ class LeadSequenceWorkflow:
         heartbeat: timedelta | None,
         summary: str,
         task_queue: str | None,
+        watch_controls: bool = True,
     ):
         """Run a step's activity, on `task_queue` (None: the lead's own). An operator's pause
-        arriving meanwhile is applied at once; the step finishes, and the wait after it is
-        frozen."""
+        arriving meanwhile is applied at once, unless `watch_controls` is false; the step
+        finishes, and the wait after it is frozen."""
         handle = workflow.start_activity(
             name,
             argument,
@@ -639,7 +668,7 @@ class LeadSequenceWorkflow:
             retry_policy=CHANNEL_RETRY,
             summary=summary,
         )
-        if self._interruptions:
+        if self._interruptions and watch_controls:
             while not handle.done():
                 await workflow.wait_condition(lambda: handle.done() or self._has_control())
                 if self._apply_inbox(controls_only=True):
@@ -956,23 +985,9 @@ class LeadSequenceWorkflow:
         entries: list[LogEntry] = machine.new_entries()
         stage = self._stage()
         if entries:
-            campaign = self._input.campaign
-            bounced = any(
-                e.kind == "event" and e.status == "unsubscribed" and e.reason == "bounce"
-                for e in entries
-            )
             await workflow.execute_activity(
                 "record_activity",
-                RecordInput(
-                    workflow_id=workflow.info().workflow_id,
-                    campaign_id=campaign.id,
-                    campaign_name=campaign.name,
-                    lead_key=self._input.lead.key,
-                    status=machine.status.value,
-                    unsubscribed=machine.unsubscribed,
-                    entries=entries,
-                    unsubscribe_address=self._input.lead.email if bounced else None,
-                ),
+                self._record_input(entries),
                 start_to_close_timeout=timedelta(seconds=30),
                 retry_policy=RECORD_RETRY,
                 summary=f"record {len(entries)} activity log "
@@ -994,6 +1009,41 @@ class LeadSequenceWorkflow:
             workflow.upsert_search_attributes(updates)
         self._results.update(self._answers)
         self._answers.clear()
+
+    def _record_input(self, entries: list[LogEntry]) -> RecordInput:
+        """Return the write of `entries` with the lead's current status."""
+        campaign, machine = self._input.campaign, self._machine
+        bounced = any(
+            e.kind == "event" and e.status == "unsubscribed" and e.reason == "bounce"
+            for e in entries
+        )
+        return RecordInput(
+            workflow_id=workflow.info().workflow_id,
+            campaign_id=campaign.id,
+            campaign_name=campaign.name,
+            lead_key=self._input.lead.key,
+            status=machine.status.value,
+            unsubscribed=machine.unsubscribed,
+            entries=entries,
+            unsubscribe_address=self._input.lead.email if bounced else None,
+        )
+
+    def _finish_for(self, number: int) -> StepFinish | None:
+        """Return what the activity of step `number` needs to write the lead's end, when the
+        step is the last one left (RELEASE); else None."""
+        machine = self._machine
+        if not self._release_slots or machine.waiting_step not in (None, number):
+            return None
+        if any(s.status == StepStatus.PENDING and s.step != number for s in machine.steps):
+            return None
+        snapshot, unwritten = machine.handover()
+        return StepFinish(
+            steps=[PlanStep(type=p.type.value, wait_after=p.wait_after) for p in machine.plan],
+            schedule=machine.schedule,
+            invite_timeout=machine.invite_timeout,
+            machine=snapshot,
+            record=self._record_input(unwritten),
+        )
 
     def _account_in_use(self) -> str | None:
         """Return the account a paused lead waits on, else the one its next step sends from."""
