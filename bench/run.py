@@ -188,7 +188,8 @@ async def enroll(client: Client, store: Store, campaign: Campaign, lead: Lead) -
     store.add_enrollment(workflow_id, campaign.id, lead)
     await _start_lead(
         client,
-        EnrollmentInput(campaign=campaign, lead=lead),
+        # One worker polls every task queue, as by default: channel queues off.
+        EnrollmentInput(campaign=campaign, lead=lead, channel_queues=False),
         workflow_id,
         WorkflowIDReusePolicy.REJECT_DUPLICATE,
         1,

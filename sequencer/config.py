@@ -123,6 +123,10 @@ class Settings:
     # and the same for LINKEDIN).
     worker_roles: tuple[str, ...] = WORKER_ROLES
     channel_limits: Mapping[str, ChannelLimits] = field(default_factory=dict)
+    # Whether the leads this deployment starts send from their channels' task queues
+    # (SEQUENCER_CHANNEL_QUEUES), for separate channel workers. Off, they send from the lead's
+    # queue, where Temporal hands a step to the worker that scheduled it (eager execution).
+    channel_queues: bool = False
     temporal_api_key: str | None = field(default=None, repr=False)
     temporal_tls: bool = False
     temporal_tls_client_cert: Path | None = None
@@ -197,6 +201,7 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
         ),
         worker_roles=_roles("SEQUENCER_WORKER_ROLES", env.get("SEQUENCER_WORKER_ROLES")),
         channel_limits=_channel_limits(env),
+        channel_queues=_flag("SEQUENCER_CHANNEL_QUEUES", env.get("SEQUENCER_CHANNEL_QUEUES")),
         **_temporal_security(env),
         payload_encryption=_switch(SWITCH_VARIABLE, env.get(SWITCH_VARIABLE), default=True),
         codec_cors_origins=_origins(

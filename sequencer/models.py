@@ -144,6 +144,9 @@ class EnrollmentInput(BaseModel):
     # of calling a patch, which would cost a marker and a search attribute update. None:
     # started by an older release, so the workflow's patches decide.
     release: str | None = None
+    # Whether the email and LinkedIn steps run on their channels' task queues (runs of
+    # RELEASE; Settings.channel_queues). Off, they run on the lead's own queue.
+    channel_queues: bool = False
 
 
 class EnrollmentResult(BaseModel):

@@ -297,7 +297,9 @@ class Sequencer:
         try:
             await _start_lead(
                 client,
-                EnrollmentInput(campaign=campaign, lead=lead),
+                EnrollmentInput(
+                    campaign=campaign, lead=lead, channel_queues=self.settings.channel_queues
+                ),
                 workflow_id,
                 WorkflowIDReusePolicy.REJECT_DUPLICATE,
                 first_step=1,
@@ -792,6 +794,7 @@ class Sequencer:
                 resume_steps=steps,
                 resume_enrolled_at=enrollment.enrolled_at,
                 log_offset=self.store.workflow_entries(enrollment.workflow_id),
+                channel_queues=self.settings.channel_queues,
             ),
             enrollment.workflow_id,
             WorkflowIDReusePolicy.ALLOW_DUPLICATE,

@@ -9,7 +9,9 @@ activity retried after a timeout writes nothing twice.
 from __future__ import annotations
 
 import json
+import threading
 from collections import Counter, defaultdict
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -26,6 +28,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    bindparam,
     create_engine,
     event,
     func,
@@ -182,6 +185,7 @@ sender_accounts = Table(
     Column("connected", Boolean, nullable=False, default=True),
     Column("reason", Text),
     Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("pruned_at", DateTime(timezone=True)),
 )
 
 # The sending slots booked on each account: one per lead and step, kept for the 24 hours after
@@ -378,8 +382,24 @@ class Store:
         self.engine: Engine = create_engine(
             url, future=True, execution_options={"preserve_rowcount": True}
         )
+        # Writers of this process take turns here on SQLite, which allows one writer at a
+        # time: a writer that finds the database locked polls for it with growing sleeps.
+        self._writing: AbstractContextManager[Any] = nullcontext()
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
+            self._writing = threading.Lock()
+        self._add_entry = self._insert(activity).on_conflict_do_nothing()
+        self._lock_account = (
+            self._insert(sender_accounts)
+            .values(
+                id=bindparam("account_key"),
+                account=bindparam("account_value", type_=JSON),
+                connected=True,
+                updated_at=bindparam("now"),
+            )
+            .on_conflict_do_update(index_elements=["id"], set_={"updated_at": bindparam("now")})
+            .returning(sender_accounts.c.connected, sender_accounts.c.pruned_at)
+        )
         # Imported here: the migrations import this module's tables.
         from sequencer.schema import upgrade
 
@@ -565,22 +585,22 @@ class Store:
         Entries already written (a retried activity) are skipped by their unique key.
         """
         inserted = 0
-        with self.engine.begin() as connection:
+        with self._writing, self.engine.begin() as connection:
             for entry in record.entries:
-                statement = (
-                    self._insert(activity)
-                    .values(
-                        workflow_id=record.workflow_id,
-                        entry_key=f"wf:{entry.seq}",
-                        **_entry_values(entry),
-                    )
-                    .on_conflict_do_nothing()
-                )
-                inserted += connection.execute(statement).rowcount
+                values = {
+                    "workflow_id": record.workflow_id,
+                    "entry_key": f"wf:{entry.seq}",
+                    **_entry_values(entry),
+                }
+                inserted += connection.execute(self._add_entry, values).rowcount
             connection.execute(
-                update(enrollments)
-                .where(enrollments.c.workflow_id == record.workflow_id)
-                .values(status=record.status, unsubscribed=record.unsubscribed, updated_at=_now())
+                _SET_STATUS,
+                {
+                    "lead_id": record.workflow_id,
+                    "status": record.status,
+                    "unsubscribed": record.unsubscribed,
+                    "updated_at": _now(),
+                },
             )
             if record.status in FINAL_STATUSES:
                 connection.execute(
@@ -673,47 +693,37 @@ class Store:
         when the account is marked disconnected: its workflow then decides (rule 8).
         """
         account_id = request.account.id
-        with self.engine.begin() as connection:
+        with self._writing, self.engine.begin() as connection:
             # A write first, so that the booking holds the lock until it commits: the
             # database's on SQLite, the account's row on PostgreSQL.
-            connection.execute(
-                self._insert(sender_accounts)
-                .values(
-                    id=account_id,
-                    account=request.account.model_dump(mode="json"),
-                    connected=True,
-                    updated_at=now,
-                )
-                .on_conflict_do_update(index_elements=["id"], set_={"updated_at": now})
-            )
-            connected = connection.execute(
-                select(sender_accounts.c.connected).where(sender_accounts.c.id == account_id)
-            ).scalar_one()
+            connected, pruned_at = connection.execute(
+                self._lock_account,
+                {
+                    "account_key": account_id,
+                    "account_value": request.account.model_dump(mode="json"),
+                    "now": now,
+                },
+            ).one()
             if not connected:
                 return None
-            mine = (
-                sending_slots.c.account_id == account_id,
-                sending_slots.c.workflow_id == request.workflow_id,
-                sending_slots.c.step == request.step,
-            )
-            booked = connection.execute(select(sending_slots.c.at).where(*mine)).scalar()
+            mine = {"account_key": account_id, "lead": request.workflow_id, "number": request.step}
+            booked = connection.execute(_BOOKED, mine).scalar()
             if booked is not None:
                 return SlotGrant(granted=True, at=max(_aware(booked), now))
-            connection.execute(
-                sending_slots.delete().where(
-                    sending_slots.c.account_id == account_id, sending_slots.c.at <= now - WINDOW
-                )
-            )
+            if pruned_at is None or _aware(pruned_at) <= now - PRUNE_EVERY:
+                connection.execute(_PRUNE, {"account_key": account_id, "before": now - WINDOW})
+                connection.execute(_MARK_PRUNED, {"account_key": account_id, "now": now})
             book = SlotBook(_slots_that_limit(connection, request, now))
             at, reason = book.next_free(now, request.kind, request.cap, request.spacing)
             connection.execute(
-                sending_slots.insert().values(
-                    account_id=account_id,
-                    kind=request.kind,
-                    at=at,
-                    workflow_id=request.workflow_id,
-                    step=request.step,
-                )
+                _BOOK,
+                {
+                    "account_id": account_id,
+                    "kind": request.kind,
+                    "at": at,
+                    "workflow_id": request.workflow_id,
+                    "step": request.step,
+                },
             )
         detail = cap_detail(account_id, request.cap, request.kind) if reason == "cap" else None
         return SlotGrant(granted=True, at=at, reason=reason, detail=detail)
@@ -1091,34 +1101,58 @@ def _enrollment(row) -> EnrollmentRow:
     return EnrollmentRow(**values)
 
 
+_SET_STATUS = update(enrollments).where(enrollments.c.workflow_id == bindparam("lead_id"))
+
+# The statements of a booking, built once: a booking runs for every send.
+_SLOT_COLUMNS = select(
+    sending_slots.c.id,
+    sending_slots.c.at,
+    sending_slots.c.kind,
+    sending_slots.c.workflow_id,
+    sending_slots.c.step,
+).where(sending_slots.c.account_id == bindparam("account_key"))
+_BOOKED = select(sending_slots.c.at).where(
+    sending_slots.c.account_id == bindparam("account_key"),
+    sending_slots.c.workflow_id == bindparam("lead"),
+    sending_slots.c.step == bindparam("number"),
+)
+_NEAR = _SLOT_COLUMNS.where(sending_slots.c.at > bindparam("after"))
+_RECENT = _SLOT_COLUMNS.where(
+    sending_slots.c.kind == bindparam("kind_key"), sending_slots.c.at > bindparam("after")
+)
+_RECENT_UP_TO = select(func.count()).select_from(_RECENT.limit(bindparam("cap")).subquery())
+_PRUNE = sending_slots.delete().where(
+    sending_slots.c.account_id == bindparam("account_key"),
+    sending_slots.c.at <= bindparam("before"),
+)
+_MARK_PRUNED = (
+    update(sender_accounts)
+    .where(sender_accounts.c.id == bindparam("account_key"))
+    .values(pruned_at=bindparam("now"))
+)
+_BOOK = sending_slots.insert()
+# How often a booking deletes the account's slots that no cap counts any more.
+PRUNE_EVERY = timedelta(hours=1)
+
+
 def _slots_that_limit(connection, request: SlotRequest, now: datetime) -> list[Slot]:
     """Return the account's booked slots that can hold back a new one from `now`.
 
     Those closer than the spacing, and those of the request's kind within 24 hours when there
     are as many as the cap: with fewer, no window from `now` can reach it.
     """
-    columns = select(
-        sending_slots.c.id,
-        sending_slots.c.at,
-        sending_slots.c.kind,
-        sending_slots.c.workflow_id,
-        sending_slots.c.step,
-    ).where(sending_slots.c.account_id == request.account.id)
+    account = {"account_key": request.account.id}
     queries = []
     if request.spacing > timedelta(0):
-        queries.append(columns.where(sending_slots.c.at > now - request.spacing))
+        queries.append((_NEAR, {**account, "after": now - request.spacing}))
     if request.cap is not None:
-        recent = columns.where(
-            sending_slots.c.kind == request.kind, sending_slots.c.at > now - WINDOW
-        )
-        count = connection.execute(
-            select(func.count()).select_from(recent.limit(request.cap).subquery())
-        ).scalar_one()
+        recent = {**account, "kind_key": request.kind, "after": now - WINDOW}
+        count = connection.execute(_RECENT_UP_TO, {**recent, "cap": request.cap}).scalar_one()
         if count >= request.cap:
-            queries.append(recent)
+            queries.append((_RECENT, recent))
     slots: dict[int, Slot] = {}
-    for query in queries:
-        for row in connection.execute(query):
+    for query, parameters in queries:
+        for row in connection.execute(query, parameters):
             slots[row.id] = Slot(
                 at=_aware(row.at), kind=row.kind, workflow_id=row.workflow_id, step=row.step
             )

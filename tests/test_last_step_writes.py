@@ -110,6 +110,14 @@ async def test_last_step_writes_the_end(time_skipping_env, store):
     assert [e.status for e in state.log][-1] == "ended"
     assert store.get_enrollment_by_workflow(handle.id).status == "completed"
     assert await log_writes(handle) == 0
+    # Channel queues are off by default: every step ran on the lead's own queue.
+    history = await handle.fetch_history()
+    queues = {
+        e.activity_task_scheduled_event_attributes.task_queue.name
+        for e in history.events
+        if e.HasField("activity_task_scheduled_event_attributes")
+    }
+    assert queues == {(await handle.describe()).task_queue}
 
 
 async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env, store):

@@ -57,6 +57,8 @@ class Workers:
             "DATABASE_URL": f"sqlite:///{tmp_path / 'sequencer.db'}",
             "SEQUENCER_PAYLOAD_KEYS": self.key,
             "SEQUENCER_LINKEDIN_URL": linkedin_url,
+            # The service starts leads that send from the channels' queues.
+            "SEQUENCER_CHANNEL_QUEUES": "on",
         }
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
 

@@ -134,8 +134,10 @@ SEQUENCER_2 = "sequencer-2"
 # so that separate workers can run them. Runs with SEQUENCER_2 keep them on the lead's queue.
 LATEST = "sequencer-3"
 # New runs carry this in their input (EnrollmentInput.release) and call no patch. It has what
-# LATEST has, and a lead that no longer needs a slot it booked frees it with the `release_slot`
-# activity, since the slot may be booked in the database rather than by the account workflow.
+# LATEST has, with three changes. The input says whether the channels' task queues are used
+# (EnrollmentInput.channel_queues). A lead that no longer needs a slot it booked frees it with
+# the `release_slot` activity, since the slot may be booked in the database rather than by the
+# account workflow. And the activity of the last step may write the lead's end (StepFinish).
 RELEASE = "sequencer-4"
 # How long the booking of a slot and the step that follows it may take in all: a booking can
 # queue on the worker behind others for the same account.
@@ -213,7 +215,8 @@ class LeadSequenceWorkflow:
         machine = self._machine
         if input.release == RELEASE:
             self._interruptions = self._account_attribute = self._may_continue = True
-            self._records_first = self._at_rest_only = self._channel_queues = True
+            self._records_first = self._at_rest_only = True
+            self._channel_queues = input.channel_queues
             self._search_attributes = self._attributes_at_start()
             self._release_slots = True
         elif input.release is not None:
