@@ -327,7 +327,7 @@ async def run_engine(folder: Path, count: int, cache_size: int | None = None) ->
 async def run_baseline(folder: Path, count: int, timers: int, cache_size: int | None = None) -> Run:
     # The same bytecode cache as the engine's workflow modules get (see cache_bytecode).
     cache_bytecode(baseline_module.__file__)
-    server = DevServer(folder)
+    server = DevServer(folder, production_codec())
     async with server as client:
         worker = Worker(
             client,
@@ -393,7 +393,7 @@ def report(
         "Written by `python -m bench`; do not edit by hand. Every figure of the engine is a",
         "ratio to the baseline, measured in the same run on the same server and worker",
         "settings: a workflow with one no-op activity per step (`bench/baseline.py`).",
-        "The engine encrypts its payloads as production workers do; the baseline does not.",
+        "Both encrypt their payloads with the codec that production workers use.",
         "",
         "## Machine",
         "",

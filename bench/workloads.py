@@ -186,7 +186,7 @@ async def reaction_engine(server_factory, folder: Path, count: int) -> Reaction:
 
 
 async def reaction_baseline(server_factory, folder: Path, count: int) -> Reaction:
-    from bench.run import start_all
+    from bench.run import production_codec, start_all
 
     cache_bytecode(baseline_module.__file__)
     done = 0
@@ -197,7 +197,7 @@ async def reaction_baseline(server_factory, folder: Path, count: int) -> Reactio
         done += 1
         return step
 
-    async with server_factory(folder) as client:
+    async with server_factory(folder, production_codec()) as client:
         queue = "bench-baseline-reaction"
         ids = [f"baseline-react-{number}" for number in range(count)]
         async with Worker(
@@ -383,7 +383,7 @@ async def import_rate(server_factory, folder: Path, count: int) -> Import:
             raise RuntimeError(f"{len(report.enrolled)} of {count} rows enrolled")
 
     (folder / "bare").mkdir()
-    async with server_factory(folder / "bare") as client:
+    async with server_factory(folder / "bare", production_codec()) as client:
         gate = asyncio.Semaphore(START_CONCURRENCY)
 
         async def start(number: int) -> None:

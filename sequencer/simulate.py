@@ -342,7 +342,13 @@ async def run_simulation(
     channels = SimulatedChannels(scripts)
     notes: list[str] = []
     async with lead_worker(
-        client, task_queue, channels.activities(), account_check_interval=None, end_accounts=True
+        client,
+        task_queue,
+        channels.activities(),
+        account_check_interval=None,
+        end_accounts=True,
+        # What-if runs check every call of the workflow code, as the scenario tests rely on.
+        strict_sandbox=True,
     ) as worker:
         handles: dict[str, WorkflowHandle] = {}
         for lead in leads:

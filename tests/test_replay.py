@@ -27,7 +27,8 @@ async def test_history_replays(path):
     replayer = Replayer(
         workflows=[LeadSequenceWorkflow, SenderAccountWorkflow, MailboxWorkflow],
         data_converter=pydantic_data_converter,
-        workflow_runner=workflow_runner(),
+        # Strict: the sandbox checks every call the workflow code makes while replaying.
+        workflow_runner=workflow_runner(strict=True),
     )
     result = await replayer.replay_workflow(history, raise_on_replay_failure=False)
     assert result.replay_failure is None
@@ -35,3 +36,9 @@ async def test_history_replays(path):
 
 def test_histories_present():
     assert HISTORIES, "tests/histories has no saved workflow history to replay"
+
+
+def test_strict_runner_loads_the_workflow_modules_in_the_sandbox():
+    """Workers pass the workflow modules through for speed; a strict runner checks them."""
+    assert "workflows" in workflow_runner().restrictions.passthrough_modules
+    assert "workflows" not in workflow_runner(strict=True).restrictions.passthrough_modules
