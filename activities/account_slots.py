@@ -2,8 +2,8 @@
 
 With a database (`store`), a slot is booked there, in one transaction that locks the account:
 no Temporal update, no history event on the account's side. The account's workflow still
-keeps its status (rule 8). The database mirrors it, and a booking on an account marked
-disconnected asks the workflow, which remembers the lead and resumes it on reconnection.
+keeps its status (rule 8). The database mirrors it. A booking on an account marked
+disconnected goes to the workflow, which remembers the lead and resumes it on reconnection.
 
 Without a database (a what-if run), the account's workflow books the slots with its `reserve`
 update.
@@ -281,12 +281,14 @@ class AccountSlotActivities:
         return result
 
     async def _write_end(self, booked: BookedStep, result: BookedStepResult) -> None:
-        """Write the lead's end when its last step was sent, and say so in `result`.
+        """Write the lead's end when its last step was sent, and record that in `result`.
 
         A failed write is left to the workflow, which writes at rest and retries until the
         database is back: the step must not run again for it.
         """
-        assert booked.finish is not None and result.outcome is not None and self._store
+        assert booked.finish is not None
+        assert result.outcome is not None
+        assert self._store is not None
         if result.outcome.status != StepStatus.SENT:
             return
         at = booking_time()

@@ -314,7 +314,7 @@ class PlanStep(BaseModel):
 
 
 class StepFinish(BaseModel):
-    """What the activity of a lead's last step needs to write the lead's end itself.
+    """The state a lead's last step hands its activity, which then writes the lead's end.
 
     When the step is sent, the activity applies the outcome to the state machine rebuilt from
     these, and writes the entries not written yet and those of the end, with the lead's final

@@ -176,7 +176,7 @@ email_sends = Table(
 # Sender accounts whose sends are booked in this database, and whether each can send. A lead
 # that books a slot locks its account's row first, so that two bookings on one account, from
 # any worker, never interleave. `connected` mirrors the account's workflow, which decides:
-# a booking on an account marked disconnected asks that workflow, and so does an operator.
+# a booking on an account marked disconnected goes to that workflow, and so does an operator.
 sender_accounts = Table(
     "sender_accounts",
     metadata,
@@ -268,7 +268,7 @@ def _send_row(row: Any) -> SendRow:
 
 @dataclass
 class AccountRow:
-    """A sender account as the database knows it: the last 24 hours of its booked sends."""
+    """A sender account in the database, with the sends booked on it in the last 24 hours."""
 
     account: AccountRef
     connected: bool

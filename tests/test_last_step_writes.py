@@ -145,6 +145,7 @@ async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env,
         }
     )
     lead = LEAD.model_copy(update={"timezone": "Asia/Tokyo"})
+
     handle, state = await run_lead(time_skipping_env, store, SimulatedChannels({}), camp, lead=lead)
     assert state.status == "completed"
     assert abs(state.steps[0].at - opens) < timedelta(minutes=1)
@@ -153,7 +154,7 @@ async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env,
     assert await log_writes(handle) == 1  # when it waited for the window, before step 1
 
 
-async def test_lead_that_rested_writes_the_rest_at_the_end(time_skipping_env, store):
+async def test_rest_before_the_end(time_skipping_env, store):
     handle, state = await run_lead(time_skipping_env, store, SimulatedChannels({}), campaign("1d"))
     assert state.status == "completed"
     assert store.log(handle.id) == state.log

@@ -42,7 +42,7 @@ def request(
     )
 
 
-def test_a_step_keeps_the_slot_it_booked(store):
+def test_booking_again_returns_the_same_slot(store):
     first = store.book_slot(request("lead-1", spacing=timedelta(minutes=10)), T0)
     other = store.book_slot(request("lead-2", spacing=timedelta(minutes=10)), T0)
     again = store.book_slot(request("lead-1", spacing=timedelta(minutes=10)), T0 + DAY / 2)
@@ -99,7 +99,7 @@ def test_bookings_match_the_plain_rules(store):
         kind = generator.choice(["email", "linkedin_visit", "linkedin_invite"])
         cap = generator.choice([None, 3, 5, 20])
         spacing = timedelta(minutes=generator.choice([0, 2, 10]))
-        # The account forgets sends that no 24-hour window from now can hold.
+        # The account drops sends that no 24-hour window from now can hold.
         reference = [s for s in reference if s.at > now - DAY]
         expected = plain_next_free(reference, now, kind, cap, spacing)
         grant = store.book_slot(request(f"w{number}", kind=kind, cap=cap, spacing=spacing), now)

@@ -890,9 +890,10 @@ def plan_from_steps(steps: list) -> list[PlannedStep]:
 def finish_step(
     finish: StepFinish, number: int, outcome: StepOutcome, now: datetime
 ) -> RecordInput | None:
-    """Apply a step's outcome to the machine that `finish` describes; when the enrollment
-    ends with it, return what to write: the entries not written yet, those of the outcome and
-    of the end, and the final status. Else return None: the workflow writes later."""
+    """Apply a step's outcome to the machine that `finish` describes, and return what to write
+    when the enrollment ends with it. That is the entries not written yet, those of the outcome
+    and of the end, and the final status. Return None when it does not end: the workflow writes
+    later."""
     machine = LeadSequence(
         plan_from_steps(finish.steps),
         schedule=finish.schedule,

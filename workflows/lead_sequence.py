@@ -134,7 +134,7 @@ SEQUENCER_2 = "sequencer-2"
 # so that separate workers can run them. Runs with SEQUENCER_2 keep them on the lead's queue.
 LATEST = "sequencer-3"
 # New runs carry this in their input (EnrollmentInput.release) and call no patch. It has what
-# LATEST has, with three changes. The input says whether the channels' task queues are used
+# LATEST has, with three changes. The input tells whether the channels' task queues are used
 # (EnrollmentInput.channel_queues). A lead that no longer needs a slot it booked frees it with
 # the `release_slot` activity, since the slot may be booked in the database rather than by the
 # account workflow. And the activity of the last step may write the lead's end (StepFinish).
@@ -220,8 +220,8 @@ class LeadSequenceWorkflow:
             self._search_attributes = self._attributes_at_start()
             self._release_slots = True
         elif input.release is not None:
-            # Started by a newer release: fail the workflow task until a worker that knows
-            # it takes the lead, rather than run it as an older one would.
+            # Started by a newer release: fail the workflow task until an upgraded worker
+            # takes the lead, rather than run it as an older one would.
             raise RuntimeError(
                 f"this worker runs lead workflows up to release {RELEASE}, and this lead was "
                 f"started for release {input.release}: upgrade the worker"
@@ -635,8 +635,8 @@ class LeadSequenceWorkflow:
 
     def _take_written(self, written: list[LogEntry]) -> None:
         """Count as written the entries a step's activity wrote with the lead's end, when they
-        are the ones the log holds; else they are written again at rest, where the entries
-        already there are kept."""
+        are the entries of the log. Otherwise the log is written again at rest, which keeps
+        the entries already in the database."""
         machine = self._machine
         if machine.unwritten() == written:
             machine.new_entries()

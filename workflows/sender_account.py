@@ -358,8 +358,9 @@ class SenderAccountWorkflow:
 
     @workflow.update
     def enlist(self, request: SlotRequest) -> SlotGrant:
-        """Answer a lead whose slot is booked in the database, which marks the account
-        disconnected: refuse and remember the lead while it is, else grant without booking."""
+        """Refuse a lead while the account is disconnected, and remember it; else grant without
+        booking. For a lead whose slot is booked in the database, which marks the account
+        disconnected."""
         self._touch()
         if not self._state.connected:
             self._wait_for_account(request.workflow_id)
