@@ -199,8 +199,12 @@ class AccountSlotActivities:
             result_type=str,
         )
         if self._store is not None and name in ("reconnect", "disconnect"):
+            reconnected = name == "reconnect"
             await asyncio.to_thread(
-                self._store.set_account_connected, account, name == "reconnect", argument
+                self._store.set_account_connected,
+                account,
+                reconnected,
+                None if reconnected else argument,
             )
         return answer
 
@@ -213,9 +217,9 @@ class AccountSlotActivities:
         store = self._store
         if store is None:
             return await self._update(request.account, SenderAccountWorkflow.reserve, request)
-        # Twice at most: an account marked disconnected that its workflow finds connected
-        # again is marked so, and then booked.
-        for _ in range(2):
+        # An account marked disconnected that its workflow finds connected again is marked
+        # so, and then booked. Its status may change again meanwhile, a few times at most.
+        for _ in range(3):
             grant = await asyncio.to_thread(store.book_slot, request, now)
             if grant is not None:
                 return grant
@@ -223,11 +227,14 @@ class AccountSlotActivities:
             if not answer.granted:
                 return answer
             await asyncio.to_thread(store.set_account_connected, request.account, True)
-        return await self._update(request.account, SenderAccountWorkflow.enlist, request)
+        raise ApplicationError(
+            f"the status of {request.account.id} kept changing during the booking; "
+            "the booking is tried again"
+        )
 
     async def _update(self, account: AccountRef, update: Any, argument: Any) -> Any:
-        """Send an update to the account's workflow, starting it if needed, while the server
-        accepts no more updates for it."""
+        """Send an update to the account's workflow, starting it if needed. An update that the
+        server turns away as busy is sent again after a short pause."""
         queue = getattr(argument, "lead_queue", None)
         async with self._gate(account):
             return await _while_busy(

@@ -293,7 +293,8 @@ class Sequencer:
 
     async def _start(self, client: Client, campaign: Campaign, lead: Lead) -> bool:
         workflow_id = workflow_id_for(campaign.id, lead.key)
-        added = self.store.add_enrollment(workflow_id, campaign.id, lead)
+        # In a thread: the write must not hold up the other starts of the launch.
+        added = await asyncio.to_thread(self.store.add_enrollment, workflow_id, campaign.id, lead)
         try:
             await _start_lead(
                 client,

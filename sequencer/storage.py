@@ -485,7 +485,7 @@ class Store:
             )
             .on_conflict_do_nothing()
         )
-        with self.engine.begin() as connection:
+        with self._writing, self.engine.begin() as connection:
             return connection.execute(statement).rowcount == 1
 
     def forget_enrollment(self, workflow_id: str) -> None:
