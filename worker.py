@@ -41,7 +41,7 @@ from sequencer.codec import (
     require_payload_keys,
 )
 from sequencer.config import Settings, load_settings
-from sequencer.models import TASK_QUEUE, WORKER_ROLES
+from sequencer.models import TASK_QUEUE
 from sequencer.service import Sequencer
 from sequencer.storage import Store
 from sequencer.temporal import (
@@ -156,11 +156,13 @@ async def run_worker(settings: Settings, stop: asyncio.Event) -> None:
             settings.temporal_address,
             ", ".join(worker.task_queues),
         )
-        if set(settings.worker_roles) != set(WORKER_ROLES) and not settings.channel_queues:
+        roles = set(settings.worker_roles)
+        if "workflows" not in roles and not settings.channel_queues:
             logger.warning(
-                "SEQUENCER_CHANNEL_QUEUES is off: the leads started with it send from the "
-                "leads' task queue, so only a worker with the workflows role runs their steps. "
-                "Set it on for every worker and for the API, as docker-compose.yml does."
+                "SEQUENCER_CHANNEL_QUEUES is off: leads started while it is off send from the "
+                "leads' task queue, so this worker gets none of their steps. Set it on for "
+                "every worker and for what starts leads (the API, the CLI), as "
+                "docker-compose.yml does."
             )
         for role in settings.worker_roles:
             if role in settings.channel_limits:

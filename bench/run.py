@@ -5,10 +5,9 @@
 
 Each run starts a fresh dev server (SQLite file, like `sequencer up`) and one in-process worker
 with the same settings for the engine and the baseline. The engine runs a 5-step mixed
-campaign with zero waits, with payload encryption on as in production. Its channel activities
-return at once (the what-if simulator's), while the activity log goes to a real SQLite
-database and sending slots are booked on the real sender account workflows. The baseline runs
-one no-op activity per step, without encryption.
+campaign with zero waits. Its channel activities return at once (the what-if simulator's),
+while the activity log and the sending slots go to a real SQLite database. The baseline runs
+one no-op activity per step. Both encrypt their payloads, as production workers do.
 """
 
 from __future__ import annotations
@@ -441,7 +440,8 @@ def throughput_section(throughput: dict[int, tuple[list[Run], list[Run]]]) -> li
         "## Cost per executed step",
         "",
         f"History events and billable actions per executed step ({largest:,} leads, median of "
-        "20 sampled leads per run; the sender account workflows' events spread over every step).",
+        "20 sampled leads per run; the events of any sender account workflow, spread over every "
+        "step).",
         "",
         "| count per step | engine | baseline |",
         "|---|---:|---:|",

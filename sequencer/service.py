@@ -846,7 +846,16 @@ class Sequencer:
         account_id = account_id.strip()
         if ":" not in account_id and "@" in account_id:
             account_id = f"email:{account_id}"
-        channel = account_id.partition(":")[0]
+        channel, _, name = account_id.partition(":")
+        if channel == "email":
+            # The form campaign files keep sender addresses in: lower case, trimmed.
+            try:
+                account_id = f"email:{normalize_email(name)}"
+            except InvalidEmailError as error:
+                raise ServiceError(
+                    f"invalid sender account {account_id!r}: {error}; use the sender's "
+                    "address, as `sequencer account list` shows it"
+                ) from None
         if channel not in ("email", "linkedin"):
             raise ServiceError(
                 f"invalid sender account {account_id!r}: use an email address, "

@@ -136,7 +136,7 @@ class Run:
 
     With a `store`, the worker books sending slots in that database, and leads start as the
     current release starts them; without, the account workflows book them, and leads start
-    as the previous release did.
+    as the previous release did, unless `release` names another.
     """
 
     def __init__(
@@ -145,12 +145,13 @@ class Run:
         channels: Channels,
         check_interval: timedelta | None = None,
         store: Store | None = None,
+        release: str | None = None,
     ):
         self.env = env
         self.channels = channels
         self.task_queue = f"interruptions-{uuid.uuid4()}"
         self.leads: list[WorkflowHandle] = []
-        self.release = RELEASE if store is not None else None
+        self.release = release or (RELEASE if store is not None else None)
         self.worker = lead_worker(
             env.client,
             self.task_queue,
@@ -589,6 +590,32 @@ async def test_reconnect_while_the_cap_is_reached(time_skipping_env):
         done = [await result(first), await result(second)]
     assert DAY <= done[1].steps[0].at - done[0].steps[0].at < DAY + 2 * MINUTE
     assert busiest_day([r.steps[0].at for r in done]) == 1
+
+
+async def test_disconnect_stops_a_lead_that_holds_a_slot(time_skipping_env, store):
+    """A lead waiting for its slot under the daily limit does not send through an account
+    disconnected meanwhile: it pauses on the account and sends once it is reconnected."""
+    env = time_skipping_env
+    channels = Channels()
+    sender = Sender(email="rep@acme.test", daily_limit=1)
+    camp = campaign(email(), sender=sender.model_dump(mode="json"))
+    account = AccountRef(id=sender.account_id, channel="email", sender=sender)
+    async with Run(env, channels, store=store, release=RELEASE) as run:
+        first = await run.start(camp, lead(1))
+        await until(first, lambda r: r.steps[0].status == "sent", "the first lead is sent")
+        second = await run.start(camp, lead(2))
+        await until(second, lambda r: r.status == "paused", "the second lead hits the limit")
+        slots = run.worker.accounts
+        await slots.update_account(account, run.task_queue, "disconnect", "mailbox migration")
+        await env.sleep(2 * DAY)
+        paused = await state(second)
+        assert paused.status == "paused"
+        assert paused.log[-1].reason == "email:rep@acme.test is disconnected"
+        assert channels.senders == ["rep@acme.test"]
+        await slots.update_account(account, run.task_queue, "reconnect", "migrated")
+        done = await result(second)
+    assert done.status == "completed"
+    assert channels.senders == ["rep@acme.test", "rep@acme.test"]
 
 
 async def test_min_spacing_between_two_sends(time_skipping_env, store):

@@ -457,3 +457,13 @@ async def test_failed_start_enrolls_nobody(time_skipping_env, tmp_path):
         service.close()
 
     assert rows == []
+
+
+@pytest.mark.parametrize("account", ["email:", "email:not-an-address", "not-an-address@"])
+async def test_account_action_rejects_malformed_addresses(sequencer, account):
+    with pytest.raises(ServiceError) as refused:
+        await sequencer.account_action(account, "disconnect", None)
+    message = str(refused.value)
+    assert message.startswith("invalid sender account 'email:")
+    assert account.removeprefix("email:") in message
+    assert "as `sequencer account list` shows it" in message

@@ -134,10 +134,11 @@ SEQUENCER_2 = "sequencer-2"
 # so that separate workers can run them. Runs with SEQUENCER_2 keep them on the lead's queue.
 LATEST = "sequencer-3"
 # New runs carry this in their input (EnrollmentInput.release) and call no patch. It has what
-# LATEST has, with three changes. The input tells whether the channels' task queues are used
+# LATEST has, with four changes. The input sets whether the channels' task queues are used
 # (EnrollmentInput.channel_queues). A lead that no longer needs a slot it booked frees it with
 # the `release_slot` activity, since the slot may be booked in the database rather than by the
-# account workflow. And the activity of the last step may write the lead's end (StepFinish).
+# account workflow. The activity of the last step may write the lead's end (StepFinish). And a
+# step books its slot even when the lead holds one, so that a disconnected account refuses it.
 RELEASE = "sequencer-4"
 # How long the booking of a slot and the step that follows it may take in all: a booking can
 # queue on the worker behind others for the same account.
@@ -547,7 +548,16 @@ class LeadSequenceWorkflow:
         account = self._account_for(step.type) if self._interruptions else None
         booking: SlotRequest | None = None
         if account is not None:
-            if self._at_rest_only and self._valid_booking(number, account) is None:
+            # Runs of RELEASE book even when they hold a slot: the booking gives back the same
+            # slot, and refuses it when the account was disconnected since, so that no step
+            # sends through a disconnected account.
+            valid_slot = self._valid_booking(number, account)
+            if self._release_slots and self._signals:
+                # A slot given back (on a pause, say) is freed before the lead books again,
+                # or the freeing could delete the new booking.
+                await asyncio.gather(*self._signals)
+                self._signals.clear()
+            if self._release_slots or (self._at_rest_only and valid_slot is None):
                 booking = self._slot_request(account, number, step.type, *self._limits(step.type))
             elif not await self._take_slot(number, step.type, account):
                 return
@@ -735,7 +745,13 @@ class LeadSequenceWorkflow:
             )
             self._account_wait = account.id
             return False
-        booked = (number, account.id, grant.at, grant.reason)
+        reason = grant.reason
+        kept = self._slot
+        if reason is None and kept is not None and kept[:3] == (number, account.id, grant.at):
+            # The slot this lead already had, which the account gives back without the
+            # reason it was later than asked: keep the reason it gave the first time.
+            reason = kept[3]
+        booked = (number, account.id, grant.at, reason)
         self._slot = booked
         return self._wait_for_slot(step_type, account, booked)
 
@@ -819,16 +835,16 @@ class LeadSequenceWorkflow:
 
     def _forget_account(self) -> None:
         """Tell the account this lead waited for, or held a slot on, that it no longer does."""
-        waiting, held = self._account_wait, self._slot
+        waiting, kept = self._account_wait, self._slot
         self._account_wait = None
         self._slot = None
         if not self._interruptions:
             return
         accounts = {waiting} if waiting else set()
-        if held is not None and not self._release_slots:
-            accounts.add(held[1])
-        elif held is not None and held[2] > workflow.now():
-            self._signals.append(asyncio.create_task(self._release_slot(held[0], held[1])))
+        if kept is not None and not self._release_slots:
+            accounts.add(kept[1])
+        elif kept is not None and kept[2] > workflow.now():
+            self._signals.append(asyncio.create_task(self._release_slot(kept[0], kept[1])))
         task_queue = workflow.info().task_queue
         for account_id in sorted(accounts):
             handle = workflow.get_external_workflow_handle(
@@ -1110,8 +1126,8 @@ def start_search_attributes(campaign, first_step: int) -> tuple[str, str, str | 
 
 
 def _sends(step_type: str, cap: int | None) -> str:
-    kind = "emails" if step_type == "email" else f"{step_type.removeprefix('linkedin_')}s"
-    return f"{cap} {kind} were sent or booked in the last 24 hours"
+    kind = "email" if step_type == "email" else step_type.removeprefix("linkedin_")
+    return f"limit of {cap} {kind}{'' if cap == 1 else 's'} in any 24 hours"
 
 
 async def _signal_quietly(handle: workflow.ExternalWorkflowHandle, name: str) -> None:
