@@ -125,9 +125,11 @@ async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env,
     wait after the last step falls outside it, which the log notes before the end."""
     now = await time_skipping_env.get_current_time()
     tokyo = ZoneInfo("Asia/Tokyo")
-    opens = (now + timedelta(hours=3)).astimezone(tokyo).replace(minute=0, second=0, microsecond=0)
-    if opens.hour >= 21:
-        pytest.skip("the window would run past midnight in Tokyo")
+    # The next 10:00 in Tokyo at least an hour away: a window of 10:00 to 12:00 there.
+    opens = (now + timedelta(hours=1)).astimezone(tokyo)
+    opens = opens.replace(hour=10, minute=0, second=0, microsecond=0) + timedelta(
+        days=1 if opens.hour >= 10 else 0
+    )
     camp = parse_campaign(
         {
             "name": f"Last step {uuid.uuid4().hex[:6]}",
@@ -135,8 +137,8 @@ async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env,
             "schedule": {
                 "timezone": "UTC",
                 "days": "mon-sun",
-                "start": opens.strftime("%H:%M"),
-                "end": (opens + timedelta(hours=2)).strftime("%H:%M"),
+                "start": "10:00",
+                "end": "12:00",
             },
             "steps": [
                 {"type": "email", "subject": "Hi", "body": "One"},
