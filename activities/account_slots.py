@@ -79,6 +79,19 @@ async def _while_busy(call: Callable[[], Awaitable[T]]) -> T:
         await asyncio.sleep(random.uniform(*BUSY_PAUSE))
 
 
+def start_account(account: AccountRef, task_queue: str) -> WithStartWorkflowOperation:
+    """Return the start of the account's workflow for update-with-start, which joins the
+    workflow when it is running already. `task_queue` is the queue of the account's leads."""
+    return WithStartWorkflowOperation(
+        SenderAccountWorkflow.run,
+        AccountState(account=account),
+        id=account_workflow_id(account.id, task_queue),
+        task_queue=accounts_queue(task_queue),
+        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+        static_summary=f"Sender account {account.id}",
+    )
+
+
 def booking_time() -> datetime:
     """Return now for a booking: the later of this machine's clock and the server's time when
     it scheduled the activity, since a time-skipping test server runs ahead of the clock."""
@@ -177,16 +190,8 @@ class AccountSlotActivities:
         task_queue = task_queue or activity.info().task_queue
         if account.channel != "campaign":
             account = account.model_copy(update={"check_interval": self._check_interval})
-        workflow_id = account_workflow_id(account.id, task_queue)
-        self.used.add(workflow_id)
-        return WithStartWorkflowOperation(
-            SenderAccountWorkflow.run,
-            AccountState(account=account),
-            id=workflow_id,
-            task_queue=accounts_queue(task_queue),
-            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-            static_summary=f"Sender account {account.id}",
-        )
+        self.used.add(account_workflow_id(account.id, task_queue))
+        return start_account(account, task_queue)
 
     async def update_account(
         self, account: AccountRef, task_queue: str, name: str, argument: object

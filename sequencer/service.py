@@ -25,7 +25,6 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 from temporalio.client import (
     Client,
-    WithStartWorkflowOperation,
     WorkflowExecutionDescription,
     WorkflowExecutionStatus,
     WorkflowHandle,
@@ -41,6 +40,7 @@ from temporalio.common import (
 from temporalio.exceptions import ApplicationError, WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.account_slots import start_account
 from sequencer.addresses import InvalidEmailError, normalize_email
 from sequencer.campaign import (
     Campaign,
@@ -89,10 +89,7 @@ from workflows.lead_sequence import (
 from workflows.mailbox import MAILBOX_WORKFLOW_TYPE, MailboxWorkflow, mailbox_workflow_id
 from workflows.sender_account import (
     ACCOUNT_WORKFLOW_TYPE,
-    AccountState,
-    SenderAccountWorkflow,
     account_workflow_id,
-    accounts_queue,
 )
 
 logger = logging.getLogger(__name__)
@@ -881,14 +878,7 @@ class Sequencer:
                 answer = await client.execute_update_with_start_workflow(
                     action,
                     detail,
-                    start_workflow_operation=WithStartWorkflowOperation(
-                        SenderAccountWorkflow.run,
-                        AccountState(account=account),
-                        id=workflow_id,
-                        task_queue=accounts_queue(TASK_QUEUE),
-                        id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
-                        static_summary=f"Sender account {account_id}",
-                    ),
+                    start_workflow_operation=start_account(account, TASK_QUEUE),
                     result_type=str,
                 )
         except WorkflowUpdateFailedError as error:

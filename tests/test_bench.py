@@ -33,9 +33,9 @@ async def test_bench_writes_report(tmp_path: Path) -> None:
         and cells[1].replace(".", "").isdigit()
     }
     # Per step of a lead that never waits, the engine runs its channel activity, which books
-    # the slot in the database first; the last one also writes the log and the lead's end.
-    # It upserts search attributes once per lead, the final status; it calls no patch, so
-    # records no marker, and sends no update to a sender account's workflow.
+    # the slot in the database first. The last one also writes the log and the lead's end.
+    # Search attributes are upserted once per lead, for the final status. No patch is called,
+    # so no marker is recorded, and no update goes to a sender account's workflow.
     assert counts["activity"] == (1.0, 1.0)
     assert counts["search attribute update"] == (0.2, 0.0)
     for none in ("marker (patch)", "update (sender accounts)", "events (sender accounts)"):

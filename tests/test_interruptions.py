@@ -135,8 +135,8 @@ class Run:
     """Leads of one campaign on a worker of their own task queue.
 
     With a `store`, the worker books sending slots in that database, and leads start as the
-    current release starts them; without, the account workflows book them, and leads start
-    as the previous release did, unless `release` names another.
+    current release starts them. Without one, the account workflows book the slots, and leads
+    start as the previous release did, unless `release` names another.
     """
 
     def __init__(

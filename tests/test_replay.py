@@ -38,7 +38,7 @@ def test_histories_present():
     assert HISTORIES, "tests/histories has no saved workflow history to replay"
 
 
-def test_strict_runner_loads_the_workflow_modules_in_the_sandbox():
+def test_strict_runner_sandboxes_workflow_modules():
     """Workers pass the workflow modules through for speed; a strict runner checks them."""
     assert "workflows" in workflow_runner().restrictions.passthrough_modules
     assert "workflows" not in workflow_runner(strict=True).restrictions.passthrough_modules

@@ -138,7 +138,7 @@ LATEST = "sequencer-3"
 # (EnrollmentInput.channel_queues). A lead that no longer needs a slot it booked frees it with
 # the `release_slot` activity, since the slot may be booked in the database rather than by the
 # account workflow. The activity of the last step may write the lead's end (StepFinish). And a
-# step books its slot even when the lead holds one, so that a disconnected account refuses it.
+# step books its slot even when the lead has one, so that a disconnected account rejects it.
 RELEASE = "sequencer-4"
 # How long the booking of a slot and the step that follows it may take in all: a booking can
 # queue on the worker behind others for the same account.
@@ -746,11 +746,12 @@ class LeadSequenceWorkflow:
             self._account_wait = account.id
             return False
         reason = grant.reason
-        kept = self._slot
-        if reason is None and kept is not None and kept[:3] == (number, account.id, grant.at):
-            # The slot this lead already had, which the account gives back without the
-            # reason it was later than asked: keep the reason it gave the first time.
-            reason = kept[3]
+        previous = self._slot
+        same_slot = previous is not None and previous[:3] == (number, account.id, grant.at)
+        if reason is None and same_slot:
+            # A booking that returns the lead's existing slot carries no reason, so keep the
+            # reason of the first booking (a cap pause stays a pause).
+            reason = previous[3]
         booked = (number, account.id, grant.at, reason)
         self._slot = booked
         return self._wait_for_slot(step_type, account, booked)
@@ -835,16 +836,17 @@ class LeadSequenceWorkflow:
 
     def _forget_account(self) -> None:
         """Tell the account this lead waited for, or held a slot on, that it no longer does."""
-        waiting, kept = self._account_wait, self._slot
+        waiting, booked_slot = self._account_wait, self._slot
         self._account_wait = None
         self._slot = None
         if not self._interruptions:
             return
         accounts = {waiting} if waiting else set()
-        if kept is not None and not self._release_slots:
-            accounts.add(kept[1])
-        elif kept is not None and kept[2] > workflow.now():
-            self._signals.append(asyncio.create_task(self._release_slot(kept[0], kept[1])))
+        if booked_slot is not None and not self._release_slots:
+            accounts.add(booked_slot[1])
+        elif booked_slot is not None and booked_slot[2] > workflow.now():
+            step, account_id = booked_slot[0], booked_slot[1]
+            self._signals.append(asyncio.create_task(self._release_slot(step, account_id)))
         task_queue = workflow.info().task_queue
         for account_id in sorted(accounts):
             handle = workflow.get_external_workflow_handle(
