@@ -850,8 +850,8 @@ class Sequencer:
                 account_id = f"email:{normalize_email(name)}"
             except InvalidEmailError as error:
                 raise ServiceError(
-                    f"invalid sender account {account_id!r}: {error}; use the sender's "
-                    "address, as `sequencer account list` shows it"
+                    f"invalid sender account {account_id!r}: {str(error).rstrip('.')}. Use the "
+                    "sender's address, as `sequencer account list` shows it"
                 ) from None
         if channel not in ("email", "linkedin"):
             raise ServiceError(
