@@ -125,11 +125,15 @@ async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env,
     wait after the last step falls outside it, which the log notes before the end."""
     now = await time_skipping_env.get_current_time()
     tokyo = ZoneInfo("Asia/Tokyo")
-    # The next 10:00 in Tokyo at least an hour away: a window of 10:00 to 12:00 there.
-    opens = (now + timedelta(hours=1)).astimezone(tokyo)
-    opens = opens.replace(hour=10, minute=0, second=0, microsecond=0) + timedelta(
-        days=1 if opens.hour >= 10 else 0
-    )
+    # A two-hour window in Tokyo that starts about three hours from now, moved to 01:00 when
+    # it would run past midnight, so that it is closed now and opens within a day.
+    local = now.astimezone(tokyo)
+    start = (local.hour + 3) % 24
+    if start > 21:
+        start = 1
+    opens = local.replace(hour=start, minute=0, second=0, microsecond=0)
+    if opens <= local:
+        opens += timedelta(days=1)
     camp = parse_campaign(
         {
             "name": f"Last step {uuid.uuid4().hex[:6]}",
@@ -137,8 +141,8 @@ async def test_end_outside_the_schedule_in_the_leads_timezone(time_skipping_env,
             "schedule": {
                 "timezone": "UTC",
                 "days": "mon-sun",
-                "start": "10:00",
-                "end": "12:00",
+                "start": f"{start:02d}:00",
+                "end": f"{start + 2:02d}:00",
             },
             "steps": [
                 {"type": "email", "subject": "Hi", "body": "One"},
