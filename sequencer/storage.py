@@ -9,7 +9,9 @@ activity retried after a timeout writes nothing twice.
 from __future__ import annotations
 
 import json
+import sqlite3
 import threading
+import time
 from collections import Counter, defaultdict
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -1159,11 +1161,36 @@ def _slots_that_limit(connection, request: SlotRequest, now: datetime) -> list[S
     return list(slots.values())
 
 
+# How long a connection to a SQLite database waits for another one's lock.
+SQLITE_BUSY_SECONDS = 10.0
+
+
 def _sqlite_pragmas(connection, _record) -> None:
-    # WAL lets the CLI read while the worker writes; the busy timeout makes a writer wait for
-    # the other instead of failing with "database is locked".
+    # The busy timeout makes a writer wait for the other instead of failing with "database is
+    # locked"; WAL lets the CLI read while the worker writes.
     cursor = connection.cursor()
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
+    cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
     cursor.execute("PRAGMA foreign_keys=ON")
+    if cursor.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+        _switch_to_wal(cursor)
     cursor.close()
+
+
+def _switch_to_wal(cursor) -> None:
+    """Put a SQLite database in WAL mode, which it then keeps for every later connection.
+
+    The switch needs the database to itself, and SQLite refuses it at once, without the busy
+    timeout, while another connection is opening the same new database. So it is tried again
+    until the busy timeout has passed.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    pause = 0.01
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)

@@ -154,3 +154,32 @@ def test_db_status_invalid_url():
     assert "postgresql+psycopg://USER:PASSWORD@HOST:PORT/NAME" in message
     assert "secret" not in message
     assert "Traceback" not in message
+
+
+def test_concurrent_openings_of_new_sqlite_files(tmp_path):
+    """Connections that open a new SQLite file together all switch it to WAL or find it so.
+
+    SQLite refuses the switch at once while another connection opens the file, so a single
+    opening rarely meets the race; many new files make it likely.
+    """
+    errors: list[BaseException] = []
+
+    def open_store(url: str) -> None:
+        try:
+            Store(url).close()
+        except BaseException as error:  # noqa: BLE001 - reported by the assert below
+            errors.append(error)
+
+    for index in range(20):
+        url = f"sqlite:///{tmp_path / f'sequencer-{index}.db'}"
+        threads = [threading.Thread(target=open_store, args=(url,)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        store = Store(url)
+        with store.engine.connect() as connection:
+            assert connection.execute(text("PRAGMA journal_mode")).scalar_one() == "wal"
+        store.close()
+
+    assert errors == []
