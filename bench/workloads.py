@@ -344,10 +344,17 @@ async def sleeping_memory(server_factory, folder: Path, counts: list[int]) -> Me
 
 
 @dataclass
+class ImportRun:
+    seconds: float
+    client_cpu: float  # this process: reading, validating and writing rows, and the client
+    server_cpu: float
+
+
+@dataclass
 class Import:
     rows: int
-    seconds: float
-    bare_seconds: float
+    ours: list[ImportRun] = field(default_factory=list)
+    bare: list[ImportRun] = field(default_factory=list)
 
 
 def write_leads_csv(path: Path, count: int) -> None:
@@ -359,43 +366,73 @@ def write_leads_csv(path: Path, count: int) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-async def import_rate(server_factory, folder: Path, count: int) -> Import:
+def own_cpu_seconds() -> float:
+    """Return the user and system CPU seconds this process has used so far."""
+    times = os.times()
+    return times.user + times.system
+
+
+async def bare_start(client: Client, gate: asyncio.Semaphore, lead: int) -> None:
+    """Start a bare workflow for a lead, as many at once as `gate` lets through."""
+    async with gate:
+        await client.start_workflow(
+            BaselineLead.run,
+            BaselinePlan(steps=5),
+            id=f"bare-{lead}",
+            task_queue="bench-bare-import",
+        )
+
+
+async def import_rate(server_factory, folder: Path, count: int, runs: int = 1) -> Import:
     """Time `Sequencer.launch` (read the CSV, validate, enroll and start every lead) and a bare
-    loop that starts as many workflows with the same concurrency, each on a fresh server.
-    No worker runs: both measure starting workflows, not running them."""
+    loop that starts as many workflows with the same concurrency, each on a fresh server,
+    `runs` times in turn. No worker runs: both measure starting workflows, not running them."""
     from bench.run import mixed_campaign, production_codec
 
     csv_path = folder / "leads.csv"
     write_leads_csv(csv_path, count)
-    campaign_path = folder / "campaign.json"
-    campaign = mixed_campaign(f"import-{uuid.uuid4().hex[:8]}")
-    campaign_path.write_text(campaign.model_dump_json(exclude_none=True))
+    result = Import(count)
+    for number in range(runs):
+        campaign_path = folder / f"campaign-{number}.json"
+        campaign = mixed_campaign(f"import-{uuid.uuid4().hex[:8]}")
+        campaign_path.write_text(campaign.model_dump_json(exclude_none=True))
 
-    (folder / "ours").mkdir()
-    async with server_factory(folder / "ours", production_codec()) as client:
-        settings = load_settings({"SEQUENCER_HOME": str(folder / "ours" / "home")})
-        service = Sequencer(settings, client=client)
-        began = time.monotonic()
-        report = await service.launch(campaign_path, csv_path)
-        seconds = time.monotonic() - began
-        service.close()
-        if len(report.enrolled) != count:
-            raise RuntimeError(f"{len(report.enrolled)} of {count} rows enrolled")
-
-    (folder / "bare").mkdir()
-    async with server_factory(folder / "bare", production_codec()) as client:
-        gate = asyncio.Semaphore(START_CONCURRENCY)
-
-        async def start(number: int) -> None:
-            async with gate:
-                await client.start_workflow(
-                    BaselineLead.run,
-                    BaselinePlan(steps=5),
-                    id=f"bare-{number}",
-                    task_queue="bench-bare-import",
+        ours = folder / f"ours-{number}"
+        ours.mkdir()
+        server = server_factory(ours, production_codec())
+        async with server as client:
+            settings = load_settings({"SEQUENCER_HOME": str(ours / "home")})
+            service = Sequencer(settings, client=client)
+            began, cpu, server_cpu = time.monotonic(), own_cpu_seconds(), server.cpu_seconds()
+            report = await service.launch(campaign_path, csv_path)
+            result.ours.append(
+                ImportRun(
+                    time.monotonic() - began,
+                    own_cpu_seconds() - cpu,
+                    server.cpu_seconds() - server_cpu,
                 )
+            )
+            service.close()
+            if len(report.enrolled) != count:
+                raise RuntimeError(f"{len(report.enrolled)} of {count} rows enrolled")
 
-        began = time.monotonic()
-        await asyncio.gather(*(start(number) for number in range(count)))
-        bare_seconds = time.monotonic() - began
-    return Import(count, seconds, bare_seconds)
+        bare = folder / f"bare-{number}"
+        bare.mkdir()
+        server = server_factory(bare, production_codec())
+        async with server as client:
+            gate = asyncio.Semaphore(START_CONCURRENCY)
+            began, cpu, server_cpu = time.monotonic(), own_cpu_seconds(), server.cpu_seconds()
+            await asyncio.gather(*(bare_start(client, gate, lead) for lead in range(count)))
+            result.bare.append(
+                ImportRun(
+                    time.monotonic() - began,
+                    own_cpu_seconds() - cpu,
+                    server.cpu_seconds() - server_cpu,
+                )
+            )
+        print(
+            f"import of {count} rows, run {number + 1}: launch {result.ours[-1].seconds:.1f} s, "
+            f"bare loop {result.bare[-1].seconds:.1f} s",
+            file=sys.stderr,
+        )
+    return result

@@ -245,10 +245,12 @@ def read_leads(
             pending.append(result)
 
     accepted = _merge_duplicates(pending, report)
+    variables = campaign.variables_by_step() if campaign is not None else {}
     for entry in accepted:
         lead = entry.build_lead()
         if campaign is not None:
-            entry.warnings.extend((None, w) for w in _campaign_warnings(lead, campaign))
+            warnings = _campaign_warnings(lead, campaign, variables)
+            entry.warnings.extend((None, warning) for warning in warnings)
         report.leads.append(
             ImportedLead(entry.row, entry.line, lead, [message for _, message in entry.warnings])
         )
@@ -755,8 +757,13 @@ def _fill_blanks(first: _Pending, duplicate: _Pending) -> list[str]:
     return filled
 
 
-def _campaign_warnings(lead: Lead, campaign: Campaign) -> list[str]:
-    """Return a warning per channel the lead cannot be reached on, and per missing variable."""
+def _campaign_warnings(
+    lead: Lead, campaign: Campaign, variables: dict[int, dict[str, list[str]]]
+) -> list[str]:
+    """Return a warning per channel the lead cannot be reached on, and per missing variable.
+
+    `variables` is the campaign's `variables_by_step()`, worked out once per file.
+    """
     warnings = []
     unreachable_steps: set[int] = set()
     for channel, (field_name, problem) in UNREACHABLE.items():
@@ -771,7 +778,7 @@ def _campaign_warnings(lead: Lead, campaign: Campaign) -> list[str]:
 
     present = {name.lower() for name, value in lead.template_variables().items() if value.strip()}
     missing: dict[str, list[str]] = {}
-    for number, fields in campaign.variables_by_step().items():
+    for number, fields in variables.items():
         if number in unreachable_steps:
             continue
         for template_field, names in fields.items():

@@ -97,6 +97,10 @@ logger = logging.getLogger(__name__)
 # Enrollment starts in flight at once: enough to import thousands of leads in minutes without
 # exceeding the server's per-namespace request limits.
 START_CONCURRENCY = 16
+# Enrollment rows written in one transaction. A launch writes a batch before it starts the
+# batch's workflows, so that a lead is never running without its row; if the launch is cut
+# short, the next launch of the file starts the leads that have a row and no workflow.
+ENROLLMENT_BATCH = 250
 TASK_OUTCOMES = ("done", "failed", "skipped")
 
 
@@ -252,19 +256,69 @@ class Sequencer:
 
         result = LaunchReport(campaign=campaign, import_report=report)
         leads = [imported.lead for imported in report.leads]
+        workflow_ids = [workflow_id_for(campaign.id, lead.key) for lead in leads]
+        writes: dict[int, asyncio.Future[set[str]]] = {}
+        started: set[str] = set()
+        # Starts sent to the server and not answered yet: if the launch is cancelled, these
+        # may have started their workflows or not.
+        in_flight: set[str] = set()
+        failure: BaseException | None = None
         done = 0
         semaphore = asyncio.Semaphore(START_CONCURRENCY)
 
-        async def enroll(lead: Lead) -> None:
-            nonlocal done
+        def written(batch: int) -> asyncio.Future[set[str]]:
+            """Write a batch's enrollment rows once, in a thread; give the ids it added."""
+            if batch not in writes:
+                rows = slice(batch * ENROLLMENT_BATCH, (batch + 1) * ENROLLMENT_BATCH)
+                pairs = list(zip(workflow_ids[rows], leads[rows], strict=True))
+                writes[batch] = asyncio.ensure_future(
+                    asyncio.to_thread(self.store.add_enrollments, campaign.id, pairs)
+                )
+            return writes[batch]
+
+        async def enroll(index: int, lead: Lead) -> None:
+            nonlocal done, failure
+            batch, place = divmod(index, ENROLLMENT_BATCH)
+            workflow_id = workflow_ids[index]
             async with semaphore:
-                started = await self._start(client, campaign, lead)
-            (result.enrolled if started else result.already_enrolled).append(lead.key)
+                if failure is not None:
+                    return  # the launch stops at its first failure
+                if place == 0 and index + ENROLLMENT_BATCH < len(leads):
+                    written(batch + 1)  # written while this batch starts
+                try:
+                    # Shielded: a cancelled start must not cancel its batch's write, which
+                    # the other leads of the batch wait for.
+                    await asyncio.shield(written(batch))
+                    in_flight.add(workflow_id)
+                    new = await self._start(client, campaign, lead, workflow_id)
+                    in_flight.discard(workflow_id)
+                except Exception as error:
+                    in_flight.discard(workflow_id)
+                    failure = failure or error
+                    return
+            started.add(workflow_id)
+            (result.enrolled if new else result.already_enrolled).append(lead.key)
             done += 1
             if progress:
                 progress(done, len(leads))
 
-        await asyncio.gather(*(enroll(lead) for lead in leads))
+        try:
+            await asyncio.gather(*(enroll(index, lead) for index, lead in enumerate(leads)))
+        finally:
+            if failure is not None or len(started) < len(leads):
+                # A lead whose workflow did not start must not be listed as running, so that
+                # the next launch enrolls it.
+                await asyncio.gather(*writes.values(), return_exceptions=True)
+                added = set().union(
+                    *(
+                        write.result()
+                        for write in writes.values()
+                        if not write.cancelled() and write.exception() is None
+                    )
+                )
+                await asyncio.to_thread(self.store.forget_enrollments, added - started - in_flight)
+        if failure is not None:
+            raise failure
         if campaign.sender and any(step.type == "email" for step in campaign.steps):
             result.mailbox = await self.watch_mailbox(campaign.sender)
         logger.info(
@@ -288,10 +342,10 @@ class Sequencer:
                 "name (or an `id:` field) and launch that"
             )
 
-    async def _start(self, client: Client, campaign: Campaign, lead: Lead) -> bool:
-        workflow_id = workflow_id_for(campaign.id, lead.key)
-        # In a thread: the write must not hold up the other starts of the launch.
-        added = await asyncio.to_thread(self.store.add_enrollment, workflow_id, campaign.id, lead)
+    async def _start(
+        self, client: Client, campaign: Campaign, lead: Lead, workflow_id: str
+    ) -> bool:
+        """Start an enrolled lead's workflow; return False when it runs already."""
         try:
             await _start_lead(
                 client,
@@ -304,12 +358,6 @@ class Sequencer:
             )
         except WorkflowAlreadyStartedError:
             return False
-        except BaseException:
-            # A lead whose workflow did not start must not be listed as running: the next
-            # launch enrolls it.
-            if added:
-                self.store.forget_enrollment(workflow_id)
-            raise
         return True
 
     # Mailboxes

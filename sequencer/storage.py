@@ -13,6 +13,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Collection, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -391,6 +392,9 @@ class Store:
             event.listen(self.engine, "connect", _sqlite_pragmas)
             self._writing = threading.Lock()
         self._add_entry = self._insert(activity).on_conflict_do_nothing()
+        self._add_enrollment = (
+            self._insert(enrollments).on_conflict_do_nothing().returning(enrollments.c.workflow_id)
+        )
         self._lock_account = (
             self._insert(sender_accounts)
             .values(
@@ -472,35 +476,46 @@ class Store:
 
     def add_enrollment(self, workflow_id: str, campaign_id: str, lead: Lead) -> bool:
         """Insert an enrollment row; return False when the lead was already enrolled."""
-        now = _now()
-        statement = (
-            self._insert(enrollments)
-            .values(
-                workflow_id=workflow_id,
-                campaign_id=campaign_id,
-                lead_key=lead.key,
-                lead=json.loads(lead.model_dump_json()),
-                status=EnrollmentStatus.RUNNING.value,
-                unsubscribed=False,
-                enrolled_at=now,
-                updated_at=now,
-            )
-            .on_conflict_do_nothing()
-        )
-        with self._writing, self.engine.begin() as connection:
-            return connection.execute(statement).rowcount == 1
+        return workflow_id in self.add_enrollments(campaign_id, [(workflow_id, lead)])
 
-    def forget_enrollment(self, workflow_id: str) -> None:
-        """Delete an enrollment row whose workflow never started, and nothing it wrote."""
-        with self.engine.begin() as connection:
-            written = connection.execute(
-                select(func.count())
-                .select_from(activity)
-                .where(activity.c.workflow_id == workflow_id)
-            ).scalar_one()
-            if written == 0:
+    def add_enrollments(self, campaign_id: str, leads: Sequence[tuple[str, Lead]]) -> set[str]:
+        """Insert the enrollment rows of `(workflow id, lead)` pairs in one transaction.
+
+        Returns the workflow ids of the rows inserted: a lead enrolled already keeps its row.
+        """
+        if not leads:
+            return set()
+        now = _now()
+        rows = [
+            {
+                "workflow_id": workflow_id,
+                "campaign_id": campaign_id,
+                "lead_key": lead.key,
+                "lead": lead.model_dump(mode="json"),
+                "status": EnrollmentStatus.RUNNING.value,
+                "unsubscribed": False,
+                "enrolled_at": now,
+                "updated_at": now,
+            }
+            for workflow_id, lead in leads
+        ]
+        with self._writing, self.engine.begin() as connection:
+            return set(connection.execute(self._add_enrollment, rows).scalars())
+
+    def forget_enrollments(self, workflow_ids: Collection[str]) -> None:
+        """Delete the enrollment rows of workflows that never started, unless they wrote."""
+        if not workflow_ids:
+            return
+        ids = sorted(workflow_ids)
+        with self._writing, self.engine.begin() as connection:
+            for start in range(0, len(ids), 500):
+                chunk = ids[start : start + 500]
+                wrote = select(activity.c.workflow_id).where(activity.c.workflow_id.in_(chunk))
                 connection.execute(
-                    enrollments.delete().where(enrollments.c.workflow_id == workflow_id)
+                    enrollments.delete().where(
+                        enrollments.c.workflow_id.in_(chunk),
+                        enrollments.c.workflow_id.not_in(wrote),
+                    )
                 )
 
     def get_enrollment(self, campaign_id: str, lead_reference: str) -> EnrollmentRow:

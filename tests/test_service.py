@@ -10,12 +10,14 @@ from pathlib import Path
 import pytest
 import yaml
 from temporalio.client import Client
+from temporalio.service import RPCError
 
 from activities.email import message_id_for
 from activities.records import StoreActivities
 from sequencer import sink_reports
 from sequencer.codec import EncryptionCodec, PayloadCodecError
 from sequencer.config import load_settings
+from sequencer.models import workflow_id_for
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
 from sequencer.temporal import data_converter, lead_worker
@@ -457,6 +459,66 @@ async def test_failed_start_enrolls_nobody(time_skipping_env, tmp_path):
         service.close()
 
     assert rows == []
+
+
+class KeyLostAfter(EncryptionCodec):
+    """Writes payloads in plaintext until `encodings` calls, then has no key, as when a key
+    file is removed during a launch."""
+
+    def __init__(self, encodings: int) -> None:
+        super().__init__((), encrypt=False, source="a key file removed during the launch")
+        self.left = encodings
+
+    async def encode(self, payloads):
+        self.left -= 1
+        if self.left < 0:
+            return await EncryptionCodec((), source="the removed key file").encode(payloads)
+        return await super().encode(payloads)
+
+
+async def test_launch_cut_short_lists_only_started_leads(time_skipping_env, tmp_path, monkeypatch):
+    """Leads whose workflow did not start have no row, over several enrollment batches, and
+    the next launch of the same file enrolls them."""
+    monkeypatch.setattr("sequencer.service.TASK_QUEUE", f"cut-short-{uuid.uuid4()}")
+    campaign, _ = write(tmp_path, "cut-short", [EMAIL])
+    leads = tmp_path / "many.csv"
+    leads.write_text("email\n" + "".join(f"lead{n}@example.com\n" for n in range(600)))
+    settings = load_settings({"SEQUENCER_HOME": str(tmp_path / "home")})
+    config = time_skipping_env.client.config()
+    failing = Client(**{**config, "data_converter": data_converter(KeyLostAfter(400))})
+    service = Sequencer(settings, client=failing)
+    try:
+        with pytest.raises(PayloadCodecError):
+            await service.launch(campaign, leads)
+        listed = {row.workflow_id for row in service.store.list_enrollments("cut-short")}
+    finally:
+        service.close()
+
+    running = set()
+    for number in range(600):
+        workflow_id = workflow_id_for("cut-short", f"lead{number}@example.com")
+        try:
+            await time_skipping_env.client.get_workflow_handle(workflow_id).describe()
+        except RPCError:
+            continue
+        running.add(workflow_id)
+    assert 0 < len(running) < 600
+    assert listed == running
+
+    service = Sequencer(settings, client=time_skipping_env.client)
+    rows = []
+    try:
+        report = await service.launch(campaign, leads)
+        rows = service.store.list_enrollments("cut-short")
+    finally:
+        service.close()
+        for row in rows:
+            await time_skipping_env.client.get_workflow_handle(row.workflow_id).terminate(
+                "the test is over"
+            )
+    assert len(report.already_enrolled) == len(running)
+    assert len(report.enrolled) == 600 - len(running)
+    assert len(rows) == 600
 
 
 @pytest.mark.parametrize("account", ["email:", "email:not-an-address", "not-an-address@"])
