@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from sequencer.campaign import Campaign, CampaignError, load_campaign
 from sequencer.codec import (
@@ -96,11 +96,17 @@ def _run(coroutine):
     except (ServiceError, CampaignError, LeadFileError, PayloadCodecError) as error:
         _fail(str(error))
     except RPCError as error:
+        if error.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+            _fail(
+                f"the request to the Temporal server timed out ({error.message}). A worker "
+                "must run to answer it: check that one runs (`sequencer up` or `sequencer "
+                "worker`), and try again once it has caught up with its work"
+            )
         # Such as an update to a lead whose workflow task fails on the worker: the cause is
         # in the worker's log, not in this process.
         _fail(
-            f"the Temporal server refused the request ({error.status.name}): {error.message}. "
-            "Check the worker's log (for `sequencer up`, up.log in the data directory) for "
+            f"the Temporal server rejected the request ({error.status.name}): {error.message}. "
+            "Check the worker's log (for `sequencer up`, the output of that command) for "
             "the cause, such as a payload key the worker does not have"
         )
 
@@ -273,12 +279,22 @@ def launch(
 ) -> None:
     """Import leads from a CSV file and enroll each valid one in the campaign."""
     service = _service()
+    counts = [0, 0]  # leads started so far, leads to start
     with console.status("Enrolling leads...") as status:
 
         def progress(done: int, total: int) -> None:
+            counts[:] = [done, total]
             status.update(f"Enrolling leads... {done}/{total}")
 
-        report: LaunchReport = _run(service.launch(campaign, leads, progress))
+        try:
+            report: LaunchReport = _run(service.launch(campaign, leads, progress))
+        except KeyboardInterrupt:
+            errors.print(
+                f"Launch interrupted after {counts[0]} of {counts[1]} leads were enrolled. "
+                "Launch the same file again to enroll the others; no lead is enrolled twice",
+                highlight=False,
+            )
+            raise typer.Exit(130) from None
     if as_json:
         print(json.dumps(_launch_dict(report), indent=2, default=str))
         return

@@ -14,9 +14,9 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from email.parser import BytesHeaderParser
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,8 @@ logger = logging.getLogger(__name__)
 # exceeding the server's per-namespace request limits.
 START_CONCURRENCY = 16
 # Enrollment rows written in one transaction. A launch writes a batch before it starts the
-# batch's workflows, so that a lead is never running without its row; if the launch is cut
-# short, the next launch of the file starts the leads that have a row and no workflow.
+# batch's workflows, so that a lead never runs without its row. If the launch is cut short,
+# the next launch of the file starts the leads that have a row and no workflow.
 ENROLLMENT_BATCH = 250
 TASK_OUTCOMES = ("done", "failed", "skipped")
 
@@ -259,15 +259,15 @@ class Sequencer:
         workflow_ids = [workflow_id_for(campaign.id, lead.key) for lead in leads]
         writes: dict[int, asyncio.Future[set[str]]] = {}
         started: set[str] = set()
-        # Starts sent to the server and not answered yet: if the launch is cancelled, these
-        # may have started their workflows or not.
+        # Starts sent to the server that have not returned yet. If the launch is cancelled,
+        # their workflows may or may not have started: the server is asked.
         in_flight: set[str] = set()
         failure: BaseException | None = None
         done = 0
         semaphore = asyncio.Semaphore(START_CONCURRENCY)
 
         def written(batch: int) -> asyncio.Future[set[str]]:
-            """Write a batch's enrollment rows once, in a thread; give the ids it added."""
+            """Write a batch's enrollment rows once, in a thread, and give the ids it added."""
             if batch not in writes:
                 rows = slice(batch * ENROLLMENT_BATCH, (batch + 1) * ENROLLMENT_BATCH)
                 pairs = list(zip(workflow_ids[rows], leads[rows], strict=True))
@@ -316,7 +316,10 @@ class Sequencer:
                         if not write.cancelled() and write.exception() is None
                     )
                 )
-                await asyncio.to_thread(self.store.forget_enrollments, added - started - in_flight)
+                unknown = await _not_started(client, in_flight)
+                await asyncio.to_thread(
+                    self.store.forget_enrollments, (added - started - in_flight) | unknown
+                )
         if failure is not None:
             raise failure
         if campaign.sender and any(step.type == "email" for step in campaign.steps):
@@ -389,10 +392,21 @@ class Sequencer:
             static_details=f"Reads the IMAP mailbox of {sender.email} for bounces and replies",
         )
         watch = MailboxWatch(workflow_id=workflow_id, imap_url=imap_url)
-        status = await handle.query(MailboxWorkflow.status)
-        if status.imap_url != imap_url:
+        try:
+            status = await handle.query(
+                MailboxWorkflow.status, rpc_timeout=timedelta(seconds=MAILBOX_QUERY_TIMEOUT)
+            )
+        except RPCError as error:
+            if error.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+                raise
+            # A worker busy with the leads just started handles the query late. The signal
+            # changes nothing when the poller already reads this URL.
+            logger.info("Query of mailbox poller %s timed out: %s", workflow_id, error)
             await handle.signal(MailboxWorkflow.set_imap_url, imap_url)
-            watch.moved_from = status.imap_url
+        else:
+            if status.imap_url != imap_url:
+                await handle.signal(MailboxWorkflow.set_imap_url, imap_url)
+                watch.moved_from = status.imap_url
         watch.problem = await _probe_imap(imap_url)
         return watch
 
@@ -1192,6 +1206,24 @@ class Sequencer:
         return True
 
 
+async def _not_started(client: Client, workflow_ids: Collection[str]) -> set[str]:
+    """Return the workflows among `workflow_ids` that the server does not know.
+
+    A workflow whose state cannot be read (the server is unreachable) is not returned.
+    """
+
+    async def unknown(workflow_id: str) -> bool:
+        try:
+            await client.get_workflow_handle(workflow_id).describe(rpc_timeout=timedelta(seconds=5))
+        except RPCError as error:
+            return error.status == RPCStatusCode.NOT_FOUND
+        return False
+
+    ids = sorted(workflow_ids)
+    found = await asyncio.gather(*(unknown(workflow_id) for workflow_id in ids))
+    return {workflow_id for workflow_id, missing in zip(ids, found, strict=True) if missing}
+
+
 async def _start_lead(
     client: Client,
     input: EnrollmentInput,
@@ -1242,6 +1274,9 @@ ENGINE_MESSAGE_ID = re.compile(
     r"<?(?P<campaign>[a-z0-9][a-z0-9-]{0,62})\.(?P<ref>[0-9a-f]{16})\.(?P<step>\d+)@[^>\s]+>?"
 )
 
+
+# How long a launch waits for the sender's mailbox poller to report the IMAP URL it reads.
+MAILBOX_QUERY_TIMEOUT = 10.0
 
 # How long a launch waits to connect to the IMAP server before it warns that it cannot.
 IMAP_PROBE_TIMEOUT = 3.0

@@ -1182,7 +1182,7 @@ SQLITE_BUSY_SECONDS = 10.0
 
 def _sqlite_pragmas(connection, _record) -> None:
     # The busy timeout makes a writer wait for the other instead of failing with "database is
-    # locked"; WAL lets the CLI read while the worker writes.
+    # locked". WAL lets the CLI read while the worker writes.
     cursor = connection.cursor()
     cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}")
     cursor.execute("PRAGMA foreign_keys=ON")
@@ -1194,9 +1194,9 @@ def _sqlite_pragmas(connection, _record) -> None:
 def _switch_to_wal(cursor) -> None:
     """Put a SQLite database in WAL mode, which it then keeps for every later connection.
 
-    The switch needs the database to itself, and SQLite refuses it at once, without the busy
-    timeout, while another connection is opening the same new database. So it is tried again
-    until the busy timeout has passed.
+    The switch needs the database to itself. While another connection opens the same new
+    database, SQLite rejects the switch at once, without waiting for the busy timeout, so the
+    switch is tried again until that timeout has passed.
     """
     deadline = time.monotonic() + SQLITE_BUSY_SECONDS
     pause = 0.01

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import signal
+import subprocess
+import sys
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
@@ -17,9 +22,11 @@ from activities.records import StoreActivities
 from sequencer import sink_reports
 from sequencer.codec import EncryptionCodec, PayloadCodecError
 from sequencer.config import load_settings
-from sequencer.models import workflow_id_for
+from sequencer.models import SEARCH_ATTRIBUTE_CAMPAIGN, workflow_id_for
 from sequencer.service import Sequencer, ServiceError
 from sequencer.simulate import SimulatedChannels
+from sequencer.stack import free_port
+from sequencer.storage import Store
 from sequencer.temporal import data_converter, lead_worker
 from tests.conftest import CORPUS
 
@@ -476,7 +483,7 @@ class KeyLostAfter(EncryptionCodec):
         return await super().encode(payloads)
 
 
-async def test_launch_cut_short_lists_only_started_leads(
+async def test_cut_short_launch_lists_started_leads(
     sequencer, time_skipping_env, tmp_path, monkeypatch
 ):
     """Leads whose workflow did not start have no row, over several enrollment batches, and
@@ -523,3 +530,83 @@ async def test_account_action_rejects_malformed_addresses(sequencer, account):
     assert message.startswith("invalid sender account 'email:")
     assert account.removeprefix("email:") in message
     assert "as `sequencer account list` shows it" in message
+
+
+async def test_launch_with_busy_worker_reports(dev_server, tmp_path, monkeypatch):
+    """A launch whose mailbox poller cannot report in time (no worker runs here) still ends
+    with its report rather than the query's timeout."""
+    monkeypatch.setattr("sequencer.service.MAILBOX_QUERY_TIMEOUT", 1.0)
+    settings = load_settings(
+        {
+            "SEQUENCER_HOME": str(tmp_path / "home"),
+            "SEQUENCER_IMAP_URL": f"imap://127.0.0.1:{free_port()}",
+        }
+    )
+    service = Sequencer(settings, client=dev_server.client)
+    campaign, leads = write(tmp_path, "busy-worker", [EMAIL])
+    try:
+        report = await service.launch(campaign, leads)
+    finally:
+        service.close()
+
+    assert report.enrolled == ["ann@example.com"]
+    assert report.mailbox is not None
+    assert report.mailbox.moved_from is None
+    assert report.mailbox.problem is not None  # nothing listens at that port
+
+
+async def test_interrupted_launch_lists_started_leads(dev_server, tmp_path):
+    """Ctrl-C during `sequencer launch` leaves rows for exactly the leads whose workflow
+    started, and prints how to go on."""
+    campaign = tmp_path / "interrupted.yaml"
+    sender = {"email": "rep@acme.test", "daily_limit": 10000}
+    campaign.write_text(yaml.safe_dump({"name": "interrupted", "sender": sender, "steps": [EMAIL]}))
+    leads = tmp_path / "many.csv"
+    leads.write_text("email\n" + "".join(f"lead{n}@example.com\n" for n in range(3000)))
+    home = tmp_path / "home"
+    environment = {
+        **os.environ,
+        "SEQUENCER_HOME": str(home),
+        "TEMPORAL_ADDRESS": dev_server.client.service_client.config.target_host,
+        "SEQUENCER_PAYLOAD_ENCRYPTION": "off",
+    }
+    command = [str(Path(sys.executable).parent / "sequencer"), "launch", str(campaign)]
+    launch = subprocess.Popen(
+        [*command, "--leads", str(leads)],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store = None
+    try:
+        for _ in range(600):
+            if (home / "sequencer.db").exists():
+                store = store or Store(f"sqlite:///{home / 'sequencer.db'}")
+                if len(store.list_enrollments("interrupted")) > 0:
+                    break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        launch.send_signal(signal.SIGINT)
+        _, stderr = launch.communicate(timeout=60)
+        assert store is not None
+        listed = {row.workflow_id for row in store.list_enrollments("interrupted")}
+    finally:
+        launch.kill()
+        if store is not None:
+            store.close()
+
+    message = " ".join(stderr.split())  # the console wraps long lines
+    assert launch.returncode == 130, stderr
+    assert "Launch interrupted after" in message
+    assert "Launch the same file again" in message
+    assert 0 < len(listed) < 3000
+    for workflow_id in listed:
+        await dev_server.client.get_workflow_handle(workflow_id).describe()
+    query = f'{SEARCH_ATTRIBUTE_CAMPAIGN} = "interrupted"'
+    for _ in range(100):
+        started = await dev_server.client.count_workflows(query)
+        if started.count == len(listed):
+            break
+        await asyncio.sleep(0.1)
+    assert started.count == len(listed)
