@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
-from temporalio.service import RPCError, RPCStatusCode
+from temporalio.service import RPCError
 
 from sequencer.campaign import Campaign, CampaignError, load_campaign
 from sequencer.codec import (
@@ -32,7 +32,13 @@ from sequencer.codec import (
 from sequencer.config import Settings, load_settings
 from sequencer.durations import format_duration
 from sequencer.leads import LeadFileError, read_leads
-from sequencer.service import ActivityReport, LaunchReport, Sequencer, ServiceError
+from sequencer.service import (
+    TIMEOUT_STATUSES,
+    ActivityReport,
+    LaunchReport,
+    Sequencer,
+    ServiceError,
+)
 from sequencer.storage import CampaignStats
 from sequencer.temporal import exit_without_teardown
 
@@ -96,7 +102,7 @@ def _run(coroutine):
     except (ServiceError, CampaignError, LeadFileError, PayloadCodecError) as error:
         _fail(str(error))
     except RPCError as error:
-        if error.status in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+        if error.status in TIMEOUT_STATUSES:
             _fail(
                 f"the request to the Temporal server timed out ({error.message}). A worker "
                 "must run to answer it: check that one runs (`sequencer up` or `sequencer "

@@ -397,7 +397,7 @@ class Sequencer:
                 MailboxWorkflow.status, rpc_timeout=timedelta(seconds=MAILBOX_QUERY_TIMEOUT)
             )
         except RPCError as error:
-            if error.status not in (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED):
+            if error.status not in TIMEOUT_STATUSES:
                 raise
             # A worker busy with the leads just started handles the query late. The signal
             # changes nothing when the poller already reads this URL.
@@ -1274,6 +1274,9 @@ ENGINE_MESSAGE_ID = re.compile(
     r"<?(?P<campaign>[a-z0-9][a-z0-9-]{0,62})\.(?P<ref>[0-9a-f]{16})\.(?P<step>\d+)@[^>\s]+>?"
 )
 
+
+# The statuses of an RPC that timed out: the SDK reports its own timeout as CANCELLED.
+TIMEOUT_STATUSES = (RPCStatusCode.CANCELLED, RPCStatusCode.DEADLINE_EXCEEDED)
 
 # How long a launch waits for the sender's mailbox poller to report the IMAP URL it reads.
 MAILBOX_QUERY_TIMEOUT = 10.0

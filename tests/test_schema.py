@@ -157,10 +157,10 @@ def test_db_status_invalid_url():
 
 
 def test_concurrent_openings_of_new_sqlite_files(tmp_path):
-    """Connections that open a new SQLite file together all switch it to WAL or find it so.
+    """Connections that open a new SQLite file together all leave it in WAL mode.
 
-    SQLite refuses the switch at once while another connection opens the file, so a single
-    opening rarely meets the race; many new files make it likely.
+    SQLite rejects the switch to WAL at once while another connection opens the file. A single
+    opening rarely meets that race, so the test opens many new files.
     """
     errors: list[BaseException] = []
 
