@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 
@@ -23,6 +24,8 @@ def clean_text(value: str | None) -> str:
     return unicodedata.normalize("NFC", value).strip()
 
 
+# Workers decode the same addresses again for each payload of a lead: cache the results.
+@functools.lru_cache(maxsize=4096)
 def normalize_email(value: str) -> str:
     """Return the canonical form of an address: trimmed, lower-cased, Unicode domain.
 

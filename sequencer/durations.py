@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 import reprlib
 from datetime import timedelta
@@ -34,27 +35,29 @@ def parse_duration(value: str | int | float | timedelta) -> timedelta:
     elif isinstance(value, int | float):
         result = _from_seconds(value, value)
     else:
-        text = value.strip()
-        if _COMPACT_WHOLE.fullmatch(text):
-            seconds = sum(
-                float(amount) * _UNIT_SECONDS[unit.lower()]
-                for amount, unit in _COMPACT.findall(text)
-            )
-            result = _from_seconds(seconds, value)
-        elif text[:1].upper() == "P":
-            try:
-                result = _ISO.validate_python(text.upper())
-            except ValidationError:
-                raise ValueError(
-                    f"invalid ISO 8601 duration {value!r}: expected a form such as P2D or PT36H"
-                ) from None
-        else:
-            raise ValueError(
-                f"invalid duration {value!r}: use a form such as 2d, 36h, 90m, 45s or P2D"
-            )
+        result = _parse_text(value)
     if result < timedelta(0):
         raise ValueError(f"invalid duration {value!r}: a duration cannot be negative")
     return result
+
+
+# Workers decode the same few durations again for each payload of a lead: cache the parses.
+@functools.lru_cache(maxsize=1024)
+def _parse_text(value: str) -> timedelta:
+    text = value.strip()
+    if _COMPACT_WHOLE.fullmatch(text):
+        seconds = sum(
+            float(amount) * _UNIT_SECONDS[unit.lower()] for amount, unit in _COMPACT.findall(text)
+        )
+        return _from_seconds(seconds, value)
+    if text[:1].upper() == "P":
+        try:
+            return _ISO.validate_python(text.upper())
+        except ValidationError:
+            raise ValueError(
+                f"invalid ISO 8601 duration {value!r}: expected a form such as P2D or PT36H"
+            ) from None
+    raise ValueError(f"invalid duration {value!r}: use a form such as 2d, 36h, 90m, 45s or P2D")
 
 
 def _from_seconds(seconds: int | float, value: object) -> timedelta:
