@@ -295,9 +295,14 @@ def launch(
         try:
             report: LaunchReport = _run(service.launch(campaign, leads, progress))
         except KeyboardInterrupt:
+            done, total = counts
+            if total:
+                where = f"after {done} of {total} leads were enrolled"
+            else:
+                where = "before any lead was enrolled"
             errors.print(
-                f"Launch interrupted after {counts[0]} of {counts[1]} leads were enrolled. "
-                "Launch the same file again to enroll the others; no lead is enrolled twice",
+                f"Launch interrupted {where}. Launch the same file again to enroll the "
+                "rest; no lead is enrolled twice",
                 highlight=False,
             )
             raise typer.Exit(130) from None

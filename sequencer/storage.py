@@ -391,7 +391,7 @@ class Store:
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
             self._writing = threading.Lock()
-        self._add_entry = self._insert(activity).on_conflict_do_nothing()
+        self._add_entries = self._insert(activity).on_conflict_do_nothing().returning(activity.c.id)
         self._add_enrollment = (
             self._insert(enrollments).on_conflict_do_nothing().returning(enrollments.c.workflow_id)
         )
@@ -601,15 +601,19 @@ class Store:
 
         Entries already written (a retried activity) are skipped by their unique key.
         """
+        rows = [
+            {
+                "workflow_id": record.workflow_id,
+                "entry_key": f"wf:{entry.seq}",
+                **_entry_values(entry),
+            }
+            for entry in record.entries
+        ]
         inserted = 0
         with self._writing, self.engine.begin() as connection:
-            for entry in record.entries:
-                values = {
-                    "workflow_id": record.workflow_id,
-                    "entry_key": f"wf:{entry.seq}",
-                    **_entry_values(entry),
-                }
-                inserted += connection.execute(self._add_entry, values).rowcount
+            if rows:
+                # One statement for all entries. Only the rows inserted come back.
+                inserted = len(connection.execute(self._add_entries, rows).all())
             connection.execute(
                 _SET_STATUS,
                 {

@@ -5,9 +5,11 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import uuid
+from contextlib import closing
 from dataclasses import replace
 from datetime import UTC, datetime, time, timedelta
 from pathlib import Path
@@ -555,6 +557,21 @@ async def test_launch_with_busy_worker_reports(dev_server, tmp_path, monkeypatch
     assert report.mailbox.problem is not None  # nothing listens at that port
 
 
+# More rows than a launch can start before the interrupt, even on a fast machine.
+INTERRUPTED_LEADS = 10_000
+
+
+def enrolled_rows(database: Path) -> int:
+    """Count the enrollment rows of a database that another process may be creating."""
+    if not database.exists():
+        return 0
+    try:
+        with closing(sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=1)) as db:
+            return db.execute("SELECT count(*) FROM enrollments").fetchone()[0]
+    except sqlite3.OperationalError:  # the table is not created yet, or the file is locked
+        return 0
+
+
 async def test_interrupted_launch_lists_started_leads(dev_server, tmp_path):
     """Ctrl-C during `sequencer launch` leaves rows for exactly the leads whose workflow
     started, and prints how to go on."""
@@ -562,7 +579,8 @@ async def test_interrupted_launch_lists_started_leads(dev_server, tmp_path):
     sender = {"email": "rep@acme.test", "daily_limit": 10000}
     campaign.write_text(yaml.safe_dump({"name": "interrupted", "sender": sender, "steps": [EMAIL]}))
     leads = tmp_path / "many.csv"
-    leads.write_text("email\n" + "".join(f"lead{n}@example.com\n" for n in range(3000)))
+    rows = "".join(f"lead{n}@example.com\n" for n in range(INTERRUPTED_LEADS))
+    leads.write_text("email\n" + rows)
     home = tmp_path / "home"
     environment = {
         **os.environ,
@@ -578,29 +596,30 @@ async def test_interrupted_launch_lists_started_leads(dev_server, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    store = None
+    database = home / "sequencer.db"
     try:
+        # Read with sqlite3 rather than a Store, which would migrate the file and could wait
+        # for the launch's writes. The interrupt goes once the first batch of rows is written.
         for _ in range(600):
-            if (home / "sequencer.db").exists():
-                store = store or Store(f"sqlite:///{home / 'sequencer.db'}")
-                if len(store.list_enrollments("interrupted")) > 0:
-                    break
+            if enrolled_rows(database) > 0:
+                break
             await asyncio.sleep(0.05)
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.3)
         launch.send_signal(signal.SIGINT)
-        _, stderr = launch.communicate(timeout=60)
-        assert store is not None
-        listed = {row.workflow_id for row in store.list_enrollments("interrupted")}
+        stdout, stderr = launch.communicate(timeout=60)
     finally:
         launch.kill()
-        if store is not None:
-            store.close()
+    store = Store(f"sqlite:///{database}")
+    try:
+        listed = {row.workflow_id for row in store.list_enrollments("interrupted")}
+    finally:
+        store.close()
 
     message = " ".join(stderr.split())  # the console wraps long lines
-    assert launch.returncode == 130, stderr
+    assert launch.returncode == 130, f"stdout: {stdout}\nstderr: {stderr}"
     assert "Launch interrupted after" in message
     assert "Launch the same file again" in message
-    assert 0 < len(listed) < 3000
+    assert 0 < len(listed) < INTERRUPTED_LEADS
     for workflow_id in listed:
         await dev_server.client.get_workflow_handle(workflow_id).describe()
     query = f'{SEARCH_ATTRIBUTE_CAMPAIGN} = "interrupted"'
