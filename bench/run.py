@@ -452,7 +452,7 @@ def throughput_section(throughput: dict[int, tuple[list[Run], list[Run]]]) -> li
     lines += [
         "",
         "Raw runs (seconds for all leads; CPU seconds of the worker and the server). Each run of",
-        "the engine is followed by one of the baseline; the ratio of each such pair shows how",
+        "the engine is followed by one of the baseline. The ratio of each such pair shows how",
         "far single runs stray from the median.",
         "",
     ]

@@ -280,10 +280,11 @@ def workflow_runner(strict: bool = False) -> SandboxedWorkflowRunner:
 class CompiledSandboxRunner(SandboxedWorkflowRunner):
     """The SDK's sandbox, with the snippets it runs compiled once per process.
 
-    The sandbox runs each call into a workflow (a task, and the lookup of each payload's
-    serialization context) as a snippet of source given to `exec`, which compiles it again
-    every time: 12% of a busy worker's Python time in the throughput benchmark. The snippets
-    are a handful of constant strings, so their compiled code is cached and reused.
+    The sandbox runs each call into a workflow as a snippet of source given to `exec`: each
+    workflow task, and each lookup of a payload's serialization context. `exec` compiles the
+    snippet again every time, which took about 12% of the worker's Python time in the throughput
+    benchmark (docs/performance.md). The snippets are a few constant strings per workflow
+    class, so their compiled code is cached and reused.
     """
 
     def create_instance(self, det: WorkflowInstanceDetails) -> WorkflowInstance:
