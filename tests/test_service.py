@@ -561,6 +561,12 @@ async def test_launch_with_busy_worker_reports(dev_server, tmp_path, monkeypatch
 INTERRUPTED_LEADS = 10_000
 
 
+def interruptible() -> None:
+    """Give SIGINT its default action in a child process, so that Python raises
+    KeyboardInterrupt on it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def enrolled_rows(database: Path) -> int:
     """Count the enrollment rows of a database that another process may be creating."""
     if not database.exists():
@@ -595,6 +601,9 @@ async def test_interrupted_launch_lists_started_leads(dev_server, tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # A shell without job control starts background jobs with SIGINT ignored, and the
+        # launch would inherit that from pytest. Ctrl-C reaches a launch run in a terminal.
+        preexec_fn=interruptible,
     )
     database = home / "sequencer.db"
     try:
