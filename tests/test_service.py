@@ -561,7 +561,7 @@ async def test_launch_with_busy_worker_reports(dev_server, tmp_path, monkeypatch
 INTERRUPTED_LEADS = 10_000
 
 
-def interruptible() -> None:
+def restore_default_sigint() -> None:
     """Give SIGINT its default action in a child process, so that Python raises
     KeyboardInterrupt on it."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -603,12 +603,12 @@ async def test_interrupted_launch_lists_started_leads(dev_server, tmp_path):
         text=True,
         # A shell without job control starts background jobs with SIGINT ignored, and the
         # launch would inherit that from pytest. Ctrl-C reaches a launch run in a terminal.
-        preexec_fn=interruptible,
+        preexec_fn=restore_default_sigint,
     )
     database = home / "sequencer.db"
     try:
         # Read with sqlite3 rather than a Store, which would migrate the file and could wait
-        # for the launch's writes. The interrupt goes once the first batch of rows is written.
+        # for the launch's writes. SIGINT is sent 0.3 s after the first rows appear.
         for _ in range(600):
             if enrolled_rows(database) > 0:
                 break
