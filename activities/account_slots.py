@@ -225,7 +225,7 @@ class AccountSlotActivities:
         # An account marked disconnected that its workflow finds connected again is marked
         # so, and then booked. Its status may change again meanwhile, a few times at most.
         for _ in range(3):
-            grant = await asyncio.to_thread(store.book_slot, request, now)
+            grant = await store.writes.run(store.book_slot_in, request, now)
             if grant is not None:
                 return grant
             answer = await self._update(request.account, SenderAccountWorkflow.enlist, request)
@@ -308,7 +308,7 @@ class AccountSlotActivities:
         if record is None:
             return
         try:
-            await asyncio.to_thread(self._store.record, record)
+            await self._store.writes.run(self._store.record_in, record)
         except Exception as error:  # noqa: BLE001 - the workflow writes the same entries later
             activity.logger.warning(
                 "Step %d of %s was sent; its log is left to the workflow: %s",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 from sqlalchemy.exc import OperationalError
@@ -26,7 +25,7 @@ class StoreActivities:
     async def record_activity(self, record: RecordInput) -> int:
         """Write an enrollment's new log entries; retried writes add nothing twice."""
         try:
-            return await asyncio.to_thread(self._store.record, record)
+            return await self._store.writes.run(self._store.record_in, record)
         except OperationalError as error:
             # A locked or unreachable database: one line per attempt instead of a traceback.
             logger.warning(
@@ -57,8 +56,8 @@ class StoreActivities:
                 reason=Reason.MISSING_VARIABLE,
                 detail=f"{error} in instructions",
             )
-        task = await asyncio.to_thread(
-            self._store.create_task,
+        task = await self._store.writes.run(
+            self._store.create_task_in,
             TaskInput(
                 workflow_id=input.workflow_id,
                 campaign_id=input.campaign_id,
@@ -85,13 +84,17 @@ class StoreSendLedger:
         self._store = store
 
     async def claim(self, key: str, workflow_id: str, step: int, attempt: str) -> LedgerEntry:
-        row = await asyncio.to_thread(self._store.claim_send, key, workflow_id, step, attempt)
+        row = await self._store.writes.run(
+            self._store.claim_send_in, key, workflow_id, step, attempt
+        )
         return LedgerEntry(state=row.state, attempt=row.attempt, detail=row.detail)
 
     async def move(
         self, key: str, attempt: str, before: str, after: str, detail: str | None = None
     ) -> bool:
-        return await asyncio.to_thread(self._store.move_send, key, attempt, before, after, detail)
+        return await self._store.writes.run(
+            self._store.move_send_in, key, attempt, before, after, detail
+        )
 
     async def release(self, key: str, attempt: str) -> None:
-        await asyncio.to_thread(self._store.release_send, key, attempt)
+        await self._store.writes.run(self._store.release_send_in, key, attempt)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from sequencer.campaign import parse_campaign
 from sequencer.models import Lead, LogEntry, RecordInput, TaskInput, workflow_id_for
@@ -178,3 +180,84 @@ def test_external_event_recorded_once(store):
     assert store.record_external(workflow_id, "bounce:1:0", entry) is True
     assert store.record_external(workflow_id, "bounce:1:0", entry) is False
     assert len(store.log(workflow_id)) == 1
+
+
+# The worker's write queue: writes that wait together share one transaction.
+
+
+def new_entry(workflow_id: str) -> RecordInput:
+    return RecordInput(
+        workflow_id=workflow_id,
+        campaign_id=CAMPAIGN.id,
+        campaign_name=CAMPAIGN.name,
+        lead_key="x",
+        status="running",
+        entries=[step_entry(1, 1, "sent")],
+    )
+
+
+async def test_concurrent_writes_share_transaction(store):
+    workflow_ids = [enroll(store, f"lead{number}@example.com") for number in range(20)]
+    counts = await asyncio.gather(
+        *(store.writes.run(store.record_in, new_entry(w)) for w in workflow_ids)
+    )
+    assert counts == [1] * 20
+    assert store.writes.transactions == 1
+    assert store.writes.writes == 20
+    assert [store.workflow_entries(w) for w in workflow_ids] == [1] * 20
+
+
+def fails(connection, message: str) -> None:
+    raise ValueError(message)
+
+
+async def test_failed_write_reaches_its_caller(store):
+    """The others run again, each in a transaction of its own, and are committed."""
+    first, second = (enroll(store, f"lead{n}@example.com") for n in range(2))
+    results = await asyncio.gather(
+        store.writes.run(store.record_in, new_entry(first)),
+        store.writes.run(fails, "no such step"),
+        store.writes.run(store.record_in, new_entry(second)),
+        return_exceptions=True,
+    )
+    assert results[0] == 1
+    assert results[2] == 1
+    assert isinstance(results[1], ValueError)
+    assert str(results[1]) == "no such step"
+    assert store.workflow_entries(first) == 1
+    assert store.workflow_entries(second) == 1
+
+
+def unavailable(connection) -> None:
+    raise OperationalError("INSERT", {}, Exception("database is locked"))
+
+
+async def test_unavailable_database_fails_whole_batch(store):
+    """A locked or unreachable database fails all of them at once, and none stays written:
+    running each again alone could wait for the lock once per write."""
+    workflow_id = enroll(store, "lead@example.com")
+    results = await asyncio.gather(
+        store.writes.run(store.record_in, new_entry(workflow_id)),
+        store.writes.run(unavailable),
+        return_exceptions=True,
+    )
+    assert all(isinstance(result, OperationalError) for result in results)
+    assert store.workflow_entries(workflow_id) == 0
+    # The queue goes on: a later write is committed.
+    assert await store.writes.run(store.record_in, new_entry(workflow_id)) == 1
+
+
+async def test_cancelled_caller_leaves_others_results(store):
+    workflow_ids = [enroll(store, f"lead{number}@example.com") for number in range(3)]
+    calls = [
+        asyncio.ensure_future(store.writes.run(store.record_in, new_entry(w))) for w in workflow_ids
+    ]
+    await asyncio.sleep(0)
+    calls[1].cancel()
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert results[0] == 1
+    assert results[2] == 1
+    assert isinstance(results[1], asyncio.CancelledError)
+    # The cancelled caller's write may or may not have run. The queue is not stuck.
+    assert await store.writes.run(store.record_in, new_entry(workflow_ids[1])) in (0, 1)
+    assert store.workflow_entries(workflow_ids[1]) == 1
