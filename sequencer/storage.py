@@ -394,14 +394,14 @@ class Failed:
 
 
 class WriteQueue:
-    """Run the database writes of a worker's activities in one thread, grouped into transactions.
+    """Run the database writes of a worker's activities in groups, one transaction per group.
 
     Dozens of activities write at once under load: bookings of sending slots, log entries,
     the send ledger. With a thread hand-off and a transaction each, the hand-offs and the
-    commits cost more than the statements. The queue runs the writes that arrived while the
-    previous transaction ran together in the next one (group commit): one hand-off and one
-    commit for up to WRITE_BATCH writes. Each caller gets its own result or error, after
-    the commit.
+    commits cost more than the statements. The queue runs one group at a time, in a thread.
+    The writes that arrive while a group runs form the next group (group commit): one
+    hand-off and one commit for up to WRITE_BATCH writes. Each caller gets its own result or
+    error, after the commit.
     """
 
     def __init__(self, store: Store, batch: int = WRITE_BATCH) -> None:
