@@ -358,9 +358,10 @@ def _print_import(report: LaunchReport) -> None:
         highlight=False,
     )
     if report.already_enrolled:
+        already = len(report.already_enrolled)
         console.print(
-            f"[yellow]{len(report.already_enrolled)} leads were already enrolled in this "
-            "campaign and were left as they are.[/yellow]"
+            f"[yellow]{_count(already, 'lead')} {'was' if already == 1 else 'were'} already "
+            "enrolled in this campaign and left unchanged.[/yellow]"
         )
     flagged = [lead for lead in imported.leads if lead.warnings]
     if flagged:

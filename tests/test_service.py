@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import signal
 import sqlite3
@@ -16,12 +17,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from rich.console import Console
 from temporalio.client import Client
 from temporalio.service import RPCError
 
 from activities.email import message_id_for
 from activities.records import StoreActivities
-from sequencer import sink_reports
+from sequencer import cli, sink_reports
 from sequencer.codec import EncryptionCodec, PayloadCodecError
 from sequencer.config import load_settings
 from sequencer.models import SEARCH_ATTRIBUTE_CAMPAIGN, workflow_id_for
@@ -99,13 +101,17 @@ async def wait_for(time_skipping_env, condition, what: str):
     pytest.fail(f"timed out waiting until {what}")
 
 
-async def test_launch_twice_enrolls_once(sequencer, tmp_path):
+async def test_launch_twice_enrolls_once(sequencer, tmp_path, monkeypatch):
     campaign, leads = write(tmp_path, "twice", [EMAIL])
     first = await sequencer.launch(campaign, leads)
     second = await sequencer.launch(campaign, leads)
     assert first.enrolled == ["ann@example.com"]
     assert second.enrolled == []
     assert second.already_enrolled == ["ann@example.com"]
+    output = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=output, width=200))
+    cli._print_import(second)
+    assert "1 lead was already enrolled in this campaign and left unchanged." in output.getvalue()
 
 
 async def test_changed_campaign_rejected(sequencer, tmp_path):
