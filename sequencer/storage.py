@@ -390,7 +390,7 @@ WRITE_BATCH = 64
 class Failed:
     """The error of one write among those `Store.write_all` ran."""
 
-    error: BaseException
+    error: Exception
 
 
 class WriteQueue:
@@ -410,7 +410,7 @@ class WriteQueue:
         self._waiting: list[tuple[Write, asyncio.Future[Any]]] = []
         self._running: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Transactions run and writes committed, for tests and benchmarks.
+        # Groups run and writes handed to them, failed ones included, for tests and benchmarks.
         self.transactions = 0
         self.writes = 0
 
@@ -721,7 +721,7 @@ class Store:
         return self.write(self.record_in, record)
 
     def record_in(self, connection: Connection, record: RecordInput) -> int:
-        """`record` within the caller's transaction."""
+        """Run `record` in the caller's transaction."""
         rows = [
             {
                 "workflow_id": record.workflow_id,
@@ -775,7 +775,7 @@ class Store:
     def claim_send_in(
         self, connection: Connection, send_key: str, workflow_id: str, step: int, attempt: str
     ) -> SendRow:
-        """`claim_send` within the caller's transaction."""
+        """Run `claim_send` in the caller's transaction."""
         connection.execute(
             self._insert(email_sends)
             .values(
@@ -813,7 +813,7 @@ class Store:
         after: str,
         detail: str | None = None,
     ) -> bool:
-        """`move_send` within the caller's transaction."""
+        """Run `move_send` in the caller's transaction."""
         values: dict[str, Any] = {"state": after, "updated_at": _now()}
         if detail is not None:
             values["detail"] = detail
@@ -833,7 +833,7 @@ class Store:
         self.write(self.release_send_in, send_key, attempt)
 
     def release_send_in(self, connection: Connection, send_key: str, attempt: str) -> None:
-        """`release_send` within the caller's transaction."""
+        """Run `release_send` in the caller's transaction."""
         connection.execute(
             email_sends.delete().where(
                 email_sends.c.send_key == send_key,
@@ -855,7 +855,7 @@ class Store:
     def book_slot_in(
         self, connection: Connection, request: SlotRequest, now: datetime
     ) -> SlotGrant | None:
-        """`book_slot` within the caller's transaction."""
+        """Run `book_slot` in the caller's transaction."""
         account_id = request.account.id
         # A write first, so that the booking holds the lock until it commits: the
         # database's on SQLite, the account's row on PostgreSQL.
@@ -1159,7 +1159,7 @@ class Store:
         return self.write(self.create_task_in, task)
 
     def create_task_in(self, connection: Connection, task: TaskInput) -> TaskRow:
-        """`create_task` within the caller's transaction."""
+        """Run `create_task` in the caller's transaction."""
         statement = (
             self._insert(tasks)
             .values(
